@@ -1,0 +1,104 @@
+"""The run-directory contract (see DESIGN.md): devices, one checkpoint file per model, clear errors.
+
+A run directory ``runs/<name>/`` holds one checkpoint per trained model:
+  ddpm.pt, classifier.pt, classifier_sn.pt
+each a dict {kind, model, ema?, optimizer, step, rng, config, meta}. Checkpoints are written
+atomically (temp file in the same directory + os.replace), so an interrupted save never leaves a
+truncated file behind. sample.py / evaluate.py rebuild models from the stored config.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import torch
+
+CKPT_NAMES = {"ddpm": "ddpm.pt", "classifier": "classifier.pt", "classifier_sn": "classifier_sn.pt"}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line naming the problem and the fix, exit code 2."""
+
+
+def cli(main):
+    """Run ``main()``; turn UserError into a one-line message and exit code 2 (no traceback)."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda, then mps, then cpu, unless the user named one."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def ckpt_path(run: str, name: str) -> str:
+    return os.path.join(run, CKPT_NAMES[name])
+
+
+def ensure_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {path!r} ({e.strerror}); "
+                        "pass a writable --out") from None
+
+
+def save_atomic(obj, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(run: str, name: str, map_location="cpu") -> dict:
+    path = ckpt_path(run, name)
+    if not os.path.isdir(run):
+        raise UserError(f"run directory {run!r} does not exist; train first "
+                        f"(python train.py --dataset circles --out {run})")
+    if not os.path.exists(path):
+        raise UserError(f"no {name} checkpoint in {run!r} (expected {path}); train it with "
+                        f"python train.py --out {run} --model {'ddpm' if name == 'ddpm' else 'classifier'}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and retrain") from None
+    if not isinstance(ck, dict) or ck.get("kind") != name.split("_")[0]:
+        raise UserError(f"{path} is not a {name} checkpoint of this codebase; delete it and retrain")
+    return ck
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    st = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(st["torch"])
+    generator.set_state(st["generator"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

@@ -1,0 +1,185 @@
+"""Gaussian diffusion (DDPM): paper §2.1 and Appendix A; guided sampling hooks for §2.2 / §4.2.
+
+One implementation shared by every experiment:
+  * noise schedules, linear (Ho et al.) and cosine (Eq. 10), computed in float64;
+  * the forward process q(x_t | x_0) (Eq. 4);
+  * the posterior q(x_{t-1} | x_t, x_0) (Eq. 5-6) and the eps-parameterised mean (Eq. 7);
+  * fixed small (beta~_t) or fixed large (beta_t) reverse variance;
+  * the training loss L_simple;
+  * ancestral sampling, optionally on a respaced grid of K <= T steps.
+
+Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
+beta'_k = 1 - abar[t_k] / abar[t_{k-1}] so that the kept steps have the same cumulative noise.
+The network was trained on the original indices, so it always receives t_k, never k.
+
+Learned variance (Eq. 8) and L_hybrid (§A.3) are the paper's choice; they are not implemented
+yet. ``p_mean_variance`` is the single place that turns model output into (mean, variance):
+a learned-Sigma model plugs in there, and ``training_loss`` is where L_vlb would be added.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def linear_betas(T: int) -> np.ndarray:
+    # Ho et al. (2020): beta from 1e-4 to 0.02 at T=1000, scaled so other T keep the same curve.
+    scale = 1000 / T
+    return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    # Eq. (10): abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2); beta_t from the
+    # ratio of consecutive abar, capped at 0.999 to avoid the singularity at t = T.
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), max_beta) for i in range(T)], dtype=np.float64)
+
+
+def make_betas(schedule: str, T: int) -> np.ndarray:
+    if schedule == "cosine":
+        return cosine_betas(T)
+    if schedule == "linear":
+        return linear_betas(T)
+    raise ValueError(f"unknown noise schedule {schedule!r}; use 'cosine' or 'linear'")
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
+    """Gather a[t] (float64 buffer) for a batch of indices and broadcast to ``shape`` as float32."""
+    return a.to(t.device)[t].float().view(-1, *([1] * (len(shape) - 1)))
+
+
+def respace_indices(T: int, K: int) -> list[int]:
+    """K evenly spread original timesteps, always including 0 and T-1."""
+    if not 2 <= K <= T:
+        raise ValueError(f"respacing needs 2 <= steps <= T={T}, got {K}")
+    return sorted({round(i * (T - 1) / (K - 1)) for i in range(K)})
+
+
+class GaussianDiffusion:
+    def __init__(self, betas: np.ndarray, variance: str = "fixed_large",
+                 timestep_map: list[int] | None = None):
+        if variance not in ("fixed_large", "fixed_small"):
+            raise ValueError(f"unknown variance {variance!r}; use fixed_large or fixed_small "
+                             "(learned Sigma / L_hybrid is not implemented yet)")
+        b = np.asarray(betas, dtype=np.float64)
+        assert b.ndim == 1 and len(b) >= 2 and (b > 0).all() and (b <= 1).all()
+        self.T = len(b)
+        self.variance = variance
+        # Original timestep that each (possibly respaced) index stands for.
+        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(self.T))
+        t64 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+        ab = np.cumprod(1.0 - b)
+        ab_prev = np.append(1.0, ab[:-1])
+        self.betas = t64(b)
+        self.alphas_cumprod = t64(ab)
+        self.alphas_cumprod_prev = t64(ab_prev)
+        # Eq. (4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+        self.sqrt_ab = t64(np.sqrt(ab))
+        self.sqrt_1m_ab = t64(np.sqrt(1.0 - ab))
+        # Inverting Eq. (4) for x_0 given eps: x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+        self.sqrt_recip_ab = t64(np.sqrt(1.0 / ab))
+        self.sqrt_recipm1_ab = t64(np.sqrt(1.0 / ab - 1.0))
+        # Eq. (6): beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t  (0 at t = 0)
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)
+        self.posterior_variance = t64(post_var)
+        # beta~_0 = 0: use beta~_1 at t = 0 instead (as improved-diffusion does) so that the
+        # log-variance stays finite. The t = 0 step adds no noise anyway (see p_sample).
+        small = np.append(post_var[1], post_var[1:])
+        self.posterior_log_variance = t64(np.log(small))
+        # Eq. (5): mu~(x_t, x_0) = c0 x_0 + ct x_t
+        self.posterior_c0 = t64(b * np.sqrt(ab_prev) / (1.0 - ab))
+        self.posterior_ct = t64((1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab))
+        # Reverse-process variance sigma_t^2: fixed large = beta_t, fixed small = beta~_t (Ho et
+        # al.). Both use beta~_1 at t = 0 for the same reason as above.
+        large = np.append(post_var[1], b[1:])
+        self.model_variance = t64(large if variance == "fixed_large" else small)
+
+    # ----- construction helpers -------------------------------------------------------------
+    @classmethod
+    def from_config(cls, dcfg, respaced: bool = False, steps: int | None = None):
+        betas = make_betas(dcfg.noise_schedule, dcfg.timesteps)
+        if not respaced:
+            return cls(betas, dcfg.variance)
+        return cls.respaced(betas, steps or dcfg.sample_steps, dcfg.variance)
+
+    @classmethod
+    def respaced(cls, betas: np.ndarray, K: int, variance: str = "fixed_large"):
+        """A diffusion over K kept steps whose betas reproduce abar at those steps."""
+        keep = respace_indices(len(betas), K)
+        ab = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        new_betas, last = [], 1.0
+        for t in keep:
+            new_betas.append(1.0 - ab[t] / last)
+            last = ab[t]
+        return cls(np.array(new_betas), variance, timestep_map=keep)
+
+    # ----- forward process --------------------------------------------------------------------
+    def q_sample(self, x0, t, noise=None):
+        """Eq. (4): draw x_t ~ q(x_t | x_0)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return extract(self.sqrt_ab, t, x0.shape) * x0 + extract(self.sqrt_1m_ab, t, x0.shape) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Eq. (5)-(6): mean and variance of q(x_{t-1} | x_t, x_0)."""
+        mean = extract(self.posterior_c0, t, xt.shape) * x0 + extract(self.posterior_ct, t, xt.shape) * xt
+        return mean, extract(self.posterior_variance, t, xt.shape)
+
+    def predict_x0(self, xt, t, eps):
+        return extract(self.sqrt_recip_ab, t, xt.shape) * xt - extract(self.sqrt_recipm1_ab, t, xt.shape) * eps
+
+    # ----- reverse process --------------------------------------------------------------------
+    def model_t(self, t):
+        """Original timestep indices for (respaced) indices t: what networks are fed."""
+        return self.timestep_map.to(t.device)[t]
+
+    def p_mean_variance(self, model, xt, t, clip_denoised=True):
+        """Model output -> (mean, variance, x^_0) of p_theta(x_{t-1} | x_t).
+
+        With an eps-prediction, Eq. (7) equals the posterior mean (Eq. 5) at x^_0 = predict_x0(eps);
+        going through x^_0 lets us clip it to the data range [-1, 1] first.
+        """
+        eps = model(xt, self.model_t(t))
+        x0 = self.predict_x0(xt, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, xt, t)
+        return mean, extract(self.model_variance, t, xt.shape), x0
+
+    def p_sample(self, model, xt, t, clip_denoised=True, guidance=None, generator=None):
+        """One ancestral step x_t -> x_{t-1}.
+
+        1. mean, variance from the model (Eq. 7 / Eq. 5).
+        2. classifier guidance (§2.2): mu~ = mu + sigma_t^2 * g, g = grad_x sum_m lambda_m log p(y_m|x_t).
+        3. x_{t-1} = mu~ + sigma_t z, with no noise at t = 0.
+        """
+        mean, var, x0 = self.p_mean_variance(model, xt, t, clip_denoised)
+        if guidance is not None:
+            mean = mean + var * guidance(xt, self.model_t(t))
+        noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        nonzero = (t != 0).float().view(-1, *([1] * (xt.dim() - 1)))
+        return mean + nonzero * var.sqrt() * noise, x0
+
+    @torch.no_grad()
+    def sample(self, model, shape, clip_denoised=True, guidance=None, generator=None,
+               device="cpu", progress=False):
+        """Ancestral sampling from x_T ~ N(0, I) over all steps of this (possibly respaced) diffusion."""
+        x = torch.randn(shape, generator=generator, device=device)
+        steps = range(self.T - 1, -1, -1)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for i in steps:
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            x, _ = self.p_sample(model, x, t, clip_denoised, guidance, generator)
+        return x
+
+    # ----- training ---------------------------------------------------------------------------
+    def training_loss(self, model, x0, t=None, noise=None):
+        """L_simple = E ||eps - eps_theta(x_t, t)||^2 with t uniform over all T steps."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        eps = model(self.q_sample(x0, t, noise), self.model_t(t))
+        return ((eps - noise) ** 2).mean()

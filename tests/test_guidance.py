@@ -1,0 +1,142 @@
+"""Noise-aware classifier, spectral norm, (multi-)guidance, and the sampling CLI's errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from checkpoint import UserError
+from classifier import NoisyClassifier, spectral_layers
+from conftest import TINY
+from diffusion import GaussianDiffusion, cosine_betas
+from guidance import multi_guidance, parse_lambdas, single_guidance
+from test_training import assert_one_line_error, run_cli
+
+
+def tiny_classifier(**kw):
+    torch.manual_seed(0)
+    return NoisyClassifier(16, 1, 2, clf_channels=8, clf_channel_mult=(1, 2),
+                           clf_attention_resolutions=(8,), head_channels=8, **kw)
+
+
+def test_guidance_gradient_matches_finite_differences():
+    clf = tiny_classifier().double().eval()
+    lam = torch.tensor([3.0, 7.0], dtype=torch.float64)
+    x, t = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([3, 40])
+    g = multi_guidance([clf], [lam])(x, t)
+
+    def f(z):
+        return (F.log_softmax(clf(z, t), -1) * lam).sum()
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        h = 1e-5
+        fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
+        assert (g * v).sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
+def test_multi_with_zero_lambda_equals_single():
+    clf = tiny_classifier().eval()
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 20, 49])
+    multi = multi_guidance([clf], [torch.tensor([0.0, 30.0])])(x, t)
+    single = single_guidance(clf, torch.ones(4, dtype=torch.long), 30.0)(x, t)
+    assert torch.allclose(multi, single, atol=1e-6) and multi.abs().sum() > 0
+
+
+def test_multi_guidance_sums_classifiers():
+    a, b = tiny_classifier().eval(), tiny_classifier(spectral_norm_scale=2.0).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 30])
+    both = multi_guidance([a, b], [[1.0, 2.0], [3.0, 4.0]])(x, t)
+    sep = multi_guidance([a], [[1.0, 2.0]])(x, t) + multi_guidance([b], [[3.0, 4.0]])(x, t)
+    assert torch.allclose(both, sep, atol=1e-5)
+
+
+def test_lambda_list_wrong_length_is_clear():
+    with pytest.raises(UserError, match="2 classes"):
+        parse_lambdas("30,30,30", 2)
+    with pytest.raises(UserError, match="one lambda per class"):
+        multi_guidance([tiny_classifier()], [torch.tensor([1.0, 2.0, 3.0])])
+    assert parse_lambdas("30, 10", 2).tolist() == [30.0, 10.0]
+
+
+class Spy(torch.nn.Module):
+    """Records the timesteps it is given; eps = 0 / constant logits."""
+
+    def __init__(self, out_classes=None):
+        super().__init__()
+        self.seen, self.num_classes = [], out_classes
+
+    def forward(self, x, t):
+        self.seen.append(sorted(set(t.tolist())))
+        if self.num_classes:
+            return (x.flatten(1)[:, :1] * torch.ones(1, self.num_classes))  # depends on x
+        return torch.zeros_like(x)
+
+
+def test_networks_see_original_timesteps_under_respacing():
+    d = GaussianDiffusion.respaced(cosine_betas(1000), 8)
+    net, clf = Spy(), Spy(out_classes=2)
+    d.sample(net, (2, 1, 4, 4), guidance=multi_guidance([clf], [[1.0, 1.0]]))
+    expected = [[t] for t in reversed(d.timestep_map.tolist())]
+    assert net.seen == expected and clf.seen == expected
+    assert expected[0] == [999] and expected[-1] == [0]
+
+
+def test_spectral_norm_bounds_every_layer():
+    clf = tiny_classifier(spectral_norm_scale=2.0)
+    clf.train()
+    for _ in range(20):  # let the power iteration converge
+        clf(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
+    clf.eval()
+    layers = spectral_layers(clf)
+    assert len(layers) >= 10
+    for name, w in layers:
+        s = torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1), ord=2).item()
+        assert s <= 2.0 * 1.01, name
+    assert max(torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1), ord=2).item()
+               for _, w in layers) > 1.9  # and the bound is actually reached
+
+
+def test_trained_classifiers_and_spectral_twin(tiny_run):
+    from sample import load_classifier
+    plain = load_classifier(tiny_run, "classifier", "cpu")
+    sn = load_classifier(tiny_run, "classifier_sn", "cpu")
+    assert not spectral_layers(plain) and spectral_layers(sn)
+    for _, w in spectral_layers(sn):
+        assert torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2).item() <= sn.spectral_norm_scale * 1.05
+
+
+def test_sample_cli_writes_npz(tiny_run):
+    p = run_cli("sample.py", "--run", tiny_run, "--n", "6", "--guidance", "multi", "--lambdas", "30,30",
+                "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    z = np.load(os.path.join(tiny_run, "samples_multi_classifier.npz"))
+    assert z["images"].shape == (6, 16, 16, 1) and z["images"].dtype == np.uint8
+    assert os.path.exists(os.path.join(tiny_run, "samples_multi_classifier.png"))
+
+
+def test_sample_cli_wrong_lambda_length(tiny_run):
+    assert_one_line_error(run_cli("sample.py", "--run", tiny_run, "--guidance", "multi",
+                                  "--lambdas", "30,30,30", "--n", "2"), "--lambdas", "2 classes")
+
+
+def test_sample_cli_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("sample.py", "--run", str(tmp_path)), "no ddpm checkpoint")
+    assert_one_line_error(run_cli("sample.py", "--run", str(tmp_path / "nope")), "does not exist")
+
+
+def test_sample_cli_classifier_for_other_image_size(tiny_run, tmp_path):
+    run = str(tmp_path / "mixed")
+    os.makedirs(run)
+    shutil.copy(os.path.join(tiny_run, "ddpm.pt"), run)
+    train.main(["--model", "classifier", "--out", run, "--clf-steps", "2", "--device", "cpu"]
+               + TINY + ["--image-size", "32"])
+    assert_one_line_error(run_cli("sample.py", "--run", run, "--guidance", "multi", "--n", "2"),
+                          "32x32", "16x16")

@@ -1,0 +1,130 @@
+"""Training end to end on a tiny config: loss goes down, checkpoints round-trip, --resume."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config as C
+import train
+from checkpoint import load_checkpoint
+from conftest import TINY
+from diffusion import GaussianDiffusion, cosine_betas
+from toy_circles import CirclesData
+from unet import UNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unet_shapes_and_identity_init():
+    m = UNet(16, 1, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=8)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 5, 9])
+    assert m(x, t).shape == x.shape
+    assert torch.count_nonzero(m(x, t)) == 0  # zero-initialised output conv
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(18, 1, channel_mult=(1, 2, 2))
+
+
+def test_thirty_steps_lower_the_loss():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = CirclesData(16, 0.2)
+    d = GaussianDiffusion(cosine_betas(50))
+    m = UNet(16, 1, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=8)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    x0, _ = data.batch(64, g)
+    t = torch.randint(0, 50, (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        before = d.training_loss(m, x0, t, noise).item()
+    for _ in range(30):
+        xb, _ = data.batch(16, g)
+        loss = d.training_loss(m, xb)
+        opt.zero_grad(), loss.backward(), opt.step()
+    with torch.no_grad():
+        after = d.training_loss(m, x0, t, noise).item()
+    assert after < 0.8 * before
+
+
+def test_checkpoint_round_trip_and_config(tiny_run):
+    ck = load_checkpoint(tiny_run, "ddpm")
+    assert ck["step"] == 20 and set(ck) >= {"model", "ema", "optimizer", "rng", "config", "meta"}
+    cfg = C.from_dict(ck["config"])
+    assert cfg["data"].image_size == 16 and cfg["unet"].channel_mult == (1, 2)
+    m = UNet.from_config(cfg["data"], cfg["unet"])
+    m.load_state_dict(ck["ema"])  # strict: the stored config rebuilds the exact network
+    assert not any(n.startswith(".tmp-") for n in os.listdir(tiny_run))  # atomic writes cleaned up
+
+
+def test_resume_continues_at_saved_step(tmp_path):
+    out = str(tmp_path / "r")
+    base = ["--model", "ddpm", "--out", out, "--device", "cpu", "--no-grid"] + TINY
+    train.main(base + ["--steps", "10"])
+    first = load_checkpoint(out, "ddpm")
+    train.main(["--model", "ddpm", "--out", out, "--resume", "--steps", "15", "--no-grid"])
+    second = load_checkpoint(out, "ddpm")
+    assert first["step"] == 10 and second["step"] == 15
+    c1, c2 = first["config"], second["config"]
+    c1["train"].pop("steps"), c2["train"].pop("steps")
+    assert c1 == c2  # config came from the checkpoint, not from the (absent) flags
+    assert not torch.equal(first["model"]["out.2.weight"], second["model"]["out.2.weight"])
+
+
+def test_resume_is_deterministic(tmp_path):
+    """10 steps + resume to 20 gives the same weights as 20 steps straight (RNG state saved)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    base = ["--model", "ddpm", "--device", "cpu", "--no-grid", "--save-every", "10"] + TINY
+    train.main(base + ["--out", a, "--steps", "20"])
+    train.main(base + ["--out", b, "--steps", "20", "--stop-at", "10"])
+    train.main(["--model", "ddpm", "--out", b, "--resume", "--steps", "20", "--no-grid"])
+    wa, wb = load_checkpoint(a, "ddpm")["model"], load_checkpoint(b, "ddpm")["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_cli_unknown_dataset(tmp_path):
+    assert_one_line_error(run_cli("train.py", "--dataset", "mnist", "--out", str(tmp_path / "x")),
+                          "unknown dataset", "circles")
+
+
+def test_cli_resume_without_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("train.py", "--resume", "--out", str(tmp_path / "none")),
+                          "--resume", "no checkpoint")
+
+
+def test_cli_size_mismatch_on_resume(tiny_run):
+    before = os.path.getmtime(os.path.join(tiny_run, "ddpm.pt"))
+    p = run_cli("train.py", "--model", "ddpm", "--out", tiny_run, "--resume", "--image-size", "32")
+    assert_one_line_error(p, "image_size=16", "32")
+    assert os.path.getmtime(os.path.join(tiny_run, "ddpm.pt")) == before  # nothing overwritten
+
+
+def test_cli_existing_run_not_overwritten(tiny_run):
+    before = os.path.getmtime(os.path.join(tiny_run, "ddpm.pt"))
+    assert_one_line_error(run_cli("train.py", "--model", "ddpm", "--out", tiny_run), "--resume", "--overwrite")
+    assert os.path.getmtime(os.path.join(tiny_run, "ddpm.pt")) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_cli_unwritable_out(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    assert_one_line_error(run_cli("train.py", "--out", str(ro / "run")), "cannot write", "--out")
+
+
+def test_cli_out_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(run_cli("train.py", "--out", str(f)), "cannot write", "--out")
