@@ -31,8 +31,8 @@ class DataConfig:
 
 @dataclass
 class UNetConfig:
-    model_channels: int = 32
-    channel_mult: tuple = (1, 2, 2)
+    model_channels: int = 16
+    channel_mult: tuple = (1, 2, 4)
     num_res_blocks: int = 1
     attention_resolutions: tuple = (8,)
     num_head_channels: int = 32    # attention heads of this width
@@ -44,14 +44,15 @@ class DiffusionConfig:
     timesteps: int = 1000
     noise_schedule: str = "cosine"       # cosine (Eq. 10) | linear
     variance: str = "fixed_large"        # fixed_large (beta_t) | fixed_small (beta~_t)
+    prediction: str = "v"                # eps (Eq. 7, the paper) | v (CPU preset, see diffusion.py)
     sample_steps: int = 64               # respaced ancestral steps used at sampling time
     clip_denoised: bool = True           # clip x^_0 to [-1, 1] before the posterior mean
 
 
 @dataclass
 class ClassifierConfig:
-    clf_channels: int = 32
-    clf_channel_mult: tuple = (1, 2, 2)
+    clf_channels: int = 16
+    clf_channel_mult: tuple = (1, 2, 4)
     clf_res_blocks: int = 1
     clf_attention_resolutions: tuple = (8,)
     clf_steps: int = 600
@@ -62,9 +63,9 @@ class ClassifierConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2400
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 1400
+    batch_size: int = 32
+    lr: float = 2e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -82,10 +83,11 @@ PRESETS = {
         "data": dict(image_size=64),
         "unet": dict(model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      attention_resolutions=(16, 8), num_head_channels=64),
-        "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=64),
+        "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=64, prediction="eps"),
         "classifier": dict(clf_channels=64, clf_channel_mult=(1, 2, 3, 4), clf_res_blocks=2,
                            clf_attention_resolutions=(8,), clf_steps=3000),
-        "train": dict(steps=30000, lr=1e-4, warmup_steps=0, ema_decay=0.9999, save_every=2000),
+        "train": dict(steps=30000, batch_size=64, lr=1e-4, warmup_steps=0, ema_decay=0.9999,
+                      save_every=2000),
     },
 }
 DATASETS = sorted({d for d, _ in PRESETS})

@@ -5,7 +5,12 @@ One implementation shared by every experiment:
   * the forward process q(x_t | x_0) (Eq. 4);
   * the posterior q(x_{t-1} | x_t, x_0) (Eq. 5-6) and the eps-parameterised mean (Eq. 7);
   * fixed small (beta~_t) or fixed large (beta_t) reverse variance;
-  * the training loss L_simple;
+  * the training loss L_simple, for an eps-predicting network (the paper) or, optionally, a
+    v-predicting one (v = sqrt(abar) eps - sqrt(1-abar) x_0, Salimans & Ho 2022). Why v exists here:
+    with eps-prediction, an error in x^_0 costs abar/(1-abar) in the loss, ~1e-4 at the noisiest
+    steps of the cosine schedule, so a briefly trained net leaves x^_0's mean brightness free there
+    and samples come out with grey or white backgrounds. The authors' 30k GPU steps wash this out;
+    the CPU preset's few minutes do not, and v-prediction fixes it at no cost;
   * ancestral sampling, optionally on a respaced grid of K <= T steps.
 
 Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
@@ -59,7 +64,10 @@ def respace_indices(T: int, K: int) -> list[int]:
 
 class GaussianDiffusion:
     def __init__(self, betas: np.ndarray, variance: str = "fixed_large",
-                 timestep_map: list[int] | None = None):
+                 timestep_map: list[int] | None = None, prediction: str = "eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; use eps or v")
+        self.prediction = prediction
         if variance not in ("fixed_large", "fixed_small"):
             raise ValueError(f"unknown variance {variance!r}; use fixed_large or fixed_small "
                              "(learned Sigma / L_hybrid is not implemented yet)")
@@ -101,11 +109,11 @@ class GaussianDiffusion:
     def from_config(cls, dcfg, respaced: bool = False, steps: int | None = None):
         betas = make_betas(dcfg.noise_schedule, dcfg.timesteps)
         if not respaced:
-            return cls(betas, dcfg.variance)
-        return cls.respaced(betas, steps or dcfg.sample_steps, dcfg.variance)
+            return cls(betas, dcfg.variance, prediction=dcfg.prediction)
+        return cls.respaced(betas, steps or dcfg.sample_steps, dcfg.variance, dcfg.prediction)
 
     @classmethod
-    def respaced(cls, betas: np.ndarray, K: int, variance: str = "fixed_large"):
+    def respaced(cls, betas: np.ndarray, K: int, variance: str = "fixed_large", prediction: str = "eps"):
         """A diffusion over K kept steps whose betas reproduce abar at those steps."""
         keep = respace_indices(len(betas), K)
         ab = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
@@ -113,7 +121,7 @@ class GaussianDiffusion:
         for t in keep:
             new_betas.append(1.0 - ab[t] / last)
             last = ab[t]
-        return cls(np.array(new_betas), variance, timestep_map=keep)
+        return cls(np.array(new_betas), variance, timestep_map=keep, prediction=prediction)
 
     # ----- forward process --------------------------------------------------------------------
     def q_sample(self, x0, t, noise=None):
@@ -129,6 +137,19 @@ class GaussianDiffusion:
     def predict_x0(self, xt, t, eps):
         return extract(self.sqrt_recip_ab, t, xt.shape) * xt - extract(self.sqrt_recipm1_ab, t, xt.shape) * eps
 
+    def model_eps(self, out, xt, t):
+        """The network's output as an eps-prediction. For v-prediction (Salimans & Ho, 2022),
+        v = sqrt(abar) eps - sqrt(1 - abar) x_0, hence eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+        if self.prediction == "eps":
+            return out
+        return extract(self.sqrt_1m_ab, t, xt.shape) * xt + extract(self.sqrt_ab, t, xt.shape) * out
+
+    def target(self, x0, noise, t):
+        """What the network regresses: eps (Ho et al.) or v."""
+        if self.prediction == "eps":
+            return noise
+        return extract(self.sqrt_ab, t, x0.shape) * noise - extract(self.sqrt_1m_ab, t, x0.shape) * x0
+
     # ----- reverse process --------------------------------------------------------------------
     def model_t(self, t):
         """Original timestep indices for (respaced) indices t: what networks are fed."""
@@ -140,7 +161,7 @@ class GaussianDiffusion:
         With an eps-prediction, Eq. (7) equals the posterior mean (Eq. 5) at x^_0 = predict_x0(eps);
         going through x^_0 lets us clip it to the data range [-1, 1] first.
         """
-        eps = model(xt, self.model_t(t))
+        eps = self.model_eps(model(xt, self.model_t(t)), xt, t)
         x0 = self.predict_x0(xt, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -177,9 +198,11 @@ class GaussianDiffusion:
 
     # ----- training ---------------------------------------------------------------------------
     def training_loss(self, model, x0, t=None, noise=None):
-        """L_simple = E ||eps - eps_theta(x_t, t)||^2 with t uniform over all T steps."""
+        """L_simple = E ||eps - eps_theta(x_t, t)||^2 with t uniform over all T steps
+        (or ||v - v_theta||^2 for v-prediction: eps-error / abar_t, i.e. L_simple reweighted by
+        1 + 1/snr_t, which keeps a training signal on x_0 at the noisiest steps)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
-        eps = model(self.q_sample(x0, t, noise), self.model_t(t))
-        return ((eps - noise) ** 2).mean()
+        out = model(self.q_sample(x0, t, noise), self.model_t(t))
+        return ((out - self.target(x0, noise, t)) ** 2).mean()

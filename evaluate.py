@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 import torch
 
+from checkpoint import UserError
+
 # ----------------------------------------------------------------------------------------------
 # Detector
 # ----------------------------------------------------------------------------------------------
@@ -83,3 +85,191 @@ def hist_kld(h: np.ndarray) -> float:
     h = np.asarray(h, dtype=np.float64)
     nz = h > 0
     return float((h[nz] * np.log(h[nz] * len(h))).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling per method, cached as <run>/eval_<method>.npz
+# ----------------------------------------------------------------------------------------------
+
+METHODS = {  # name -> (guidance, classifier)
+    "uncond": ("none", None),
+    "multi": ("multi", "classifier"),
+    "multi_sn": ("multi", "classifier_sn"),
+}
+# Paper §5.5 (mean ± std over 10 classifiers); None where the paper gives no number.
+PAPER = {"multi": {"accuracy": (0.78, 0.087), "zero_or_two": (0.0425, 0.0245)},
+         "multi_sn": {"accuracy": (0.75, 0.133)}}
+
+
+def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, models, resample=False):
+    """uint8 samples of one method, read from the cache if it was made with the same settings."""
+    from checkpoint import ckpt_path
+    from sample import generate, to_uint8
+    guidance, clf = METHODS[method]
+    stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
+        ([os.path.getmtime(ckpt_path(run, clf))] if clf else [])
+    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if clf else None,
+                           "steps": steps, "stamp": stamp})
+    path = os.path.join(run, f"eval_{method}.npz")
+    if not resample and os.path.exists(path):
+        z = np.load(path)
+        if str(z["settings"]) == settings:
+            return z["images"], float(z["seconds"]), True
+    t0 = time.time()
+    x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas, classifier=clf or "classifier",
+                 progress=True, models=models)
+    seconds = time.time() - t0
+    images = to_uint8(x)
+    np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
+    return images, seconds, False
+
+
+def summarize(images) -> dict:
+    s = circle_stats(images)
+    h = histogram(s["z"])
+    s.update(hist_mse=hist_mse(h), hist_kld=hist_kld(h))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_histograms(stats: dict, path: str, delta: float = 0.2) -> None:
+    """Fig. 5 style: distribution of detected z per method, log-scaled counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(0, 1, 101)
+    for name, s in stats.items():
+        if len(s["z"]):
+            ax.hist(s["z"], bins=bins, histtype="step", lw=1.5,
+                    label=f"{name} (acc {s['accuracy']:.0%}, MSE {s['hist_mse']:.2f}, KLD {s['hist_kld']:.2f})")
+    for lo, hi in ((0, delta), (1 - delta, 1)):
+        ax.axvspan(lo, hi, color="green", alpha=0.08)
+    ax.set_yscale("log")
+    ax.set_xlabel("z = normalised x of the detected disc (shaded: training regions)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def classifier_heatmap(clf, size: int, t: int = 0, device="cpu") -> np.ndarray:
+    """P(class 1 = right | x_t = image of a disc centred at (x, y), t) for every valid centre (Fig. 7b)."""
+    from toy_circles import radius_for, render_disc
+    r = radius_for(size)
+    heat = np.full((size, size), np.nan)
+    coords = [(x, y) for y in range(r, size - r) for x in range(r, size - r)]
+    for i in range(0, len(coords), 512):
+        chunk = coords[i:i + 512]
+        imgs = np.stack([render_disc(x, y, size) for x, y in chunk])
+        xb = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None].repeat(1, clf.channels, 1, 1)
+        p = torch.softmax(clf(xb.to(device), torch.full((len(chunk),), t, device=device)), -1)[:, 1]
+        for (x, y), v in zip(chunk, p.cpu().numpy()):
+            heat[y, x] = v
+    return heat
+
+
+def plot_heatmaps(heats: dict, path: str, delta: float = 0.2) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(heats), figsize=(4 * len(heats), 3.6), squeeze=False)
+    for ax, (name, h) in zip(axes[0], heats.items()):
+        im = ax.imshow(h, vmin=0, vmax=1, cmap="viridis", origin="upper")
+        s = h.shape[0]
+        for z in (delta, 1 - delta):
+            ax.axvline(z * (s - 1), color="lime", lw=1)
+        ax.set_title(f"{name}: P(right | disc at (x, y), t=0)", fontsize=8)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(metrics: dict) -> str:
+    cols = ["one_disc", "zero_disc", "two_plus_disc", "zero_or_two", "accuracy", "hist_mse", "hist_kld"]
+    lines = [f"{'method':<10}" + "".join(f"{c:>14}" for c in cols) + "   paper (§5.5)"]
+    for name, m in metrics.items():
+        paper = "; ".join(f"{k} {v[0]:.1%} ± {v[1]:.1%}" for k, v in PAPER.get(name, {}).items())
+        lines.append(f"{name:<10}" + "".join(
+            f"{m[c]:>14.1%}" if c not in ("hist_mse", "hist_kld") else f"{m[c]:>14.3f}" for c in cols)
+            + "   " + (paper or "-"))
+    return "\n".join(lines)
+
+
+def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None,
+                 methods=("uncond", "multi", "multi_sn"), device=None, resample=False, figures=True,
+                 log=print) -> dict:
+    from checkpoint import pick_device
+    from sample import load_classifier, load_ddpm, save_grid
+    device = device or pick_device()
+    models = load_ddpm(run, device)
+    cfg = models[1]
+    if cfg["data"].dataset != "circles":
+        raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
+    delta = cfg["data"].delta
+    stats, metrics = {}, {}
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        images, seconds, cached = method_samples(run, m, n, batch_size, seed, lambdas, steps, device,
+                                                 models, resample)
+        log(f"{m}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
+        stats[m] = summarize(images)
+        metrics[m] = {k: v for k, v in stats[m].items() if k != "z"}
+        metrics[m]["sample_seconds"] = seconds
+        if figures:
+            x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            save_grid(x, os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
+    if figures:
+        plot_histograms(stats, os.path.join(run, "hist_z.png"), delta)
+        heats = {name: classifier_heatmap(load_classifier(run, name, device, cfg), cfg["data"].image_size,
+                                          device=device)
+                 for name in ("classifier", "classifier_sn")
+                 if os.path.exists(os.path.join(run, f"{name}.pt"))}
+        if heats:
+            plot_heatmaps(heats, os.path.join(run, "heatmap_classifiers.png"), delta)
+    with open(os.path.join(run, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/circles")
+    p.add_argument("--n", type=int, default=512, help="samples per method")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambdas", default="30,30", help="multi-guidance lambdas (one per class)")
+    p.add_argument("--steps", type=int, default=None, help="respaced sampling steps (default: config)")
+    p.add_argument("--methods", default="uncond,multi,multi_sn")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resample", action="store_true", help="ignore cached eval_*.npz samples")
+    a = p.parse_args(argv)
+    from checkpoint import pick_device
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.time()
+    metrics = evaluate_run(a.run, a.n, a.batch_size, a.seed, a.lambdas, a.steps,
+                           [m.strip() for m in a.methods.split(",") if m.strip()], device, a.resample)
+    print(format_table(metrics))
+    print(f"evaluated in {time.time() - t0:.0f} s; wrote {os.path.join(a.run, 'metrics.json')}, "
+          f"grid_*.png, hist_z.png, heatmap_classifiers.png in {a.run}")
+
+
+if __name__ == "__main__":
+    from checkpoint import cli
+    cli(main)

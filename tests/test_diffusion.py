@@ -93,3 +93,16 @@ def test_fixed_variances():
     assert torch.all(small[1:] < large[1:])
     with pytest.raises(ValueError):
         GaussianDiffusion(betas, "learned")
+
+
+def test_v_prediction_round_trip():
+    """An exact v-target converts back to the true eps and x_0 (so Eq. 7 and clipping apply as-is)."""
+    d = GaussianDiffusion(cosine_betas(1000), prediction="v")
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    xt = d.q_sample(x0, t, eps)
+    v = d.target(x0, eps, t)
+    assert torch.allclose(d.model_eps(v, xt, t), eps, atol=1e-4)
+    assert torch.allclose(d.predict_x0(xt[:2], t[:2], d.model_eps(v, xt, t)[:2]), x0[:2], atol=1e-3)
+    e = GaussianDiffusion(cosine_betas(1000), prediction="eps")
+    assert torch.equal(e.target(x0, eps, t), eps)

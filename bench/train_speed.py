@@ -1,0 +1,76 @@
+"""Training throughput of the CPU preset and its model FLOP utilisation (MFU).
+
+    python bench/train_speed.py [--steps 20] [--batch-size 64] [--preset cpu]
+
+Measures, in one run: (1) the machine's fp32 matmul peak (large square matmuls), (2) the FLOPs of one
+DDPM training step (forward + backward, counted with torch.utils.flop_counter.FlopCounterMode),
+(3) the wall time of real optimizer steps. MFU = achieved FLOP/s / matmul peak.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config as C  # noqa: E402
+from diffusion import GaussianDiffusion  # noqa: E402
+from toy_circles import CirclesData  # noqa: E402
+from unet import UNet  # noqa: E402
+
+
+def matmul_peak(n=2048, reps=10):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=None)
+    a = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = C.make_config("circles", a.preset)
+    bs = a.batch_size or cfg["train"].batch_size
+    model = UNet.from_config(cfg["data"], cfg["unet"])
+    diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
+    data = CirclesData(cfg["data"].image_size, cfg["data"].delta)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x0, _ = data.batch(bs, g)
+        loss = diffusion.training_loss(model, x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    dt = (time.perf_counter() - t0) / a.steps
+    peak = matmul_peak()
+    achieved = flops / dt
+    print(f"preset {a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{cfg['data'].image_size}px, batch {bs}, threads {torch.get_num_threads()}")
+    print(f"train step: {dt * 1e3:.0f} ms  -> {bs / dt:.0f} images/s, {1 / dt:.2f} steps/s")
+    print(f"FLOPs/step (fwd+bwd): {flops / 1e9:.2f} GFLOP  ({flops / bs / 1e9:.3f} GFLOP/image)")
+    print(f"achieved {achieved / 1e9:.0f} GFLOP/s; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+          f"MFU {achieved / peak:.0%}")
+
+
+if __name__ == "__main__":
+    main()
