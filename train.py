@@ -204,6 +204,8 @@ def train_classifier(args, device, spectral: bool) -> str:
     model.train()
     while step < cc.clf_steps:
         x0, y = data.batch(cc.clf_batch_size, gen)
+        for g in opt.param_groups:  # same warm-up + cosine decay as the DDPM: ends at a calm point
+            g["lr"] = lr_at(step, cc.clf_lr, min(tc.warmup_steps, cc.clf_steps // 10), cc.clf_steps)
         # Noise-aware: train on x_t = q_sample(x_0, t) with t uniform over all T steps.
         t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=gen)
         xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
