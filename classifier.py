@@ -4,7 +4,8 @@ Architecture: the encoder half of unet.UNet (same timestep-conditioned residual 
 downsampling and attention), a middle block, and an attention-pooling head that reads out
 class logits (as in Dhariwal & Nichol's classifier). It is trained with cross-entropy on
 q_sample(x_0, t) with t uniform over all T steps, so that it is meaningful at every noise level
-met during sampling. No BatchNorm: guided samples must not interact through batch statistics.
+met during sampling (train.py; learning rate warmed up then cosine-decayed: with a constant rate,
+which snapshot training stops at decided whether 1 % or 20 % of guided samples faded). No BatchNorm: guided samples must not interact through batch statistics.
 
 Spectral normalisation (Miyato et al., 2018; Fig. 7b): every conv and linear weight W is replaced
 by  c * W / sigma(W),  sigma(W) the largest singular value of W reshaped to (out, in*k*k), estimated

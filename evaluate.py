@@ -159,36 +159,48 @@ def plot_histograms(stats: dict, path: str, delta: float = 0.2) -> None:
 
 
 @torch.no_grad()
-def classifier_heatmap(clf, size: int, t: int = 0, device="cpu") -> np.ndarray:
-    """P(class 1 = right | x_t = image of a disc centred at (x, y), t) for every valid centre (Fig. 7b)."""
+def classifier_heatmap(clf, size: int, t: int = 0, diffusion=None, draws: int = 4, device="cpu",
+                       seed: int = 0) -> np.ndarray:
+    """P(class 1 = right | disc centred at (x, y), t) for every valid centre (Fig. 7b).
+
+    At t = 0 the clean image is classified; at t > 0 the probability is averaged over ``draws``
+    noisy versions q(x_t | x_0) - the inputs guidance actually differentiates."""
     from toy_circles import radius_for, render_disc
     r = radius_for(size)
+    gen = torch.Generator().manual_seed(seed)
     heat = np.full((size, size), np.nan)
     coords = [(x, y) for y in range(r, size - r) for x in range(r, size - r)]
-    for i in range(0, len(coords), 512):
-        chunk = coords[i:i + 512]
+    for i in range(0, len(coords), 256):
+        chunk = coords[i:i + 256]
         imgs = np.stack([render_disc(x, y, size) for x, y in chunk])
-        xb = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None].repeat(1, clf.channels, 1, 1)
-        p = torch.softmax(clf(xb.to(device), torch.full((len(chunk),), t, device=device)), -1)[:, 1]
-        for (x, y), v in zip(chunk, p.cpu().numpy()):
+        x0 = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None].repeat(1, clf.channels, 1, 1)
+        tt = torch.full((len(chunk),), t, dtype=torch.long)
+        p = 0
+        for _ in range(draws if t > 0 else 1):
+            xt = x0 if t == 0 else diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen))
+            p = p + torch.softmax(clf(xt.to(device), tt.to(device)), -1)[:, 1].cpu()
+        for (x, y), v in zip(chunk, (p / (draws if t > 0 else 1)).numpy()):
             heat[y, x] = v
     return heat
 
 
 def plot_heatmaps(heats: dict, path: str, delta: float = 0.2) -> None:
+    """heats: {(classifier name, t): heatmap}; one column per classifier, one row per t."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(heats), figsize=(4 * len(heats), 3.6), squeeze=False)
-    for ax, (name, h) in zip(axes[0], heats.items()):
+    names = sorted({k[0] for k in heats})
+    ts = sorted({k[1] for k in heats})
+    fig, axes = plt.subplots(len(ts), len(names), figsize=(3.8 * len(names), 3.4 * len(ts)), squeeze=False)
+    for (name, t), h in heats.items():
+        ax = axes[ts.index(t)][names.index(name)]
         im = ax.imshow(h, vmin=0, vmax=1, cmap="viridis", origin="upper")
-        s = h.shape[0]
         for z in (delta, 1 - delta):
-            ax.axvline(z * (s - 1), color="lime", lw=1)
-        ax.set_title(f"{name}: P(right | disc at (x, y), t=0)", fontsize=8)
+            ax.axvline(z * (h.shape[0] - 1), color="lime", lw=1)
+        ax.set_title(f"{name}: P(right | disc at (x, y), t={t})", fontsize=8)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -211,7 +223,8 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None,
                  methods=("uncond", "multi", "multi_sn"), device=None, resample=False, figures=True,
-                 log=print) -> dict:
+                 write_metrics=True, log=print) -> dict:
+    """Sample (or read back) every method, measure it, and write metrics.json and the figures."""
     from checkpoint import pick_device
     from sample import load_classifier, load_ddpm, save_grid
     device = device or pick_device()
@@ -235,14 +248,20 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None
             save_grid(x, os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
     if figures:
         plot_histograms(stats, os.path.join(run, "hist_z.png"), delta)
-        heats = {name: classifier_heatmap(load_classifier(run, name, device, cfg), cfg["data"].image_size,
-                                          device=device)
-                 for name in ("classifier", "classifier_sn")
-                 if os.path.exists(os.path.join(run, f"{name}.pt"))}
+        from diffusion import GaussianDiffusion
+        diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
+        heats = {}
+        for name in ("classifier", "classifier_sn"):
+            if os.path.exists(os.path.join(run, f"{name}.pt")):
+                clf = load_classifier(run, name, device, cfg)
+                for t in (0, diffusion.T // 2):  # clean (Fig. 7b) and mid-noise, where guidance acts
+                    heats[(name, t)] = classifier_heatmap(clf, cfg["data"].image_size, t, diffusion,
+                                                          device=device)
         if heats:
             plot_heatmaps(heats, os.path.join(run, "heatmap_classifiers.png"), delta)
-    with open(os.path.join(run, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    if write_metrics:
+        with open(os.path.join(run, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
     return metrics
 
 

@@ -60,26 +60,28 @@ def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
              progress: bool = False, models=None) -> torch.Tensor:
     """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
+    if guidance not in ("none", "single", "multi"):
+        raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
     dcfg = cfg["diffusion"]
-    diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps or dcfg.sample_steps)
-    clf = None
-    if guidance != "none":
-        clf = load_classifier(run, classifier, device, cfg)
+    steps = steps or dcfg.sample_steps
+    if not 2 <= steps <= dcfg.timesteps:
+        raise UserError(f"--steps {steps} is outside 2..{dcfg.timesteps} (the model's T)")
+    diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps)
+    clf = load_classifier(run, classifier, device, cfg) if guidance != "none" else None
+    g = None
     if guidance == "multi":
         lam = parse_lambdas(lambdas, clf.num_classes) if lambdas else torch.full((clf.num_classes,), scale)
-    elif guidance not in ("none", "single"):
-        raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
+        g = multi_guidance([clf], [lam])
+    if guidance == "single" and target is not None and not 0 <= target < clf.num_classes:
+        raise UserError(f"--target {target} is not a class of the classifier (0..{clf.num_classes - 1})")
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (cfg["data"].channels, cfg["data"].image_size, cfg["data"].image_size)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        g = None
-        if guidance == "multi":
-            g = multi_guidance([clf], [lam])
-        elif guidance == "single":
+        if guidance == "single":
             # Default target: alternate classes so a grid shows both.
             y = torch.full((b,), target) if target is not None else torch.arange(start, start + b) % clf.num_classes
             g = single_guidance(clf, y.to(device), scale)

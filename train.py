@@ -11,6 +11,7 @@ and at the end; a finished model is skipped on --resume. The DDPM ends with a gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -60,7 +61,8 @@ def resolve_config(args, name, device):
         if os.path.exists(path) and not args.overwrite:
             raise UserError(f"{path} already exists; pass --resume to continue it, --overwrite to "
                             "start over, or --out for a new run")
-        return C.make_config(args.dataset, preset, **overrides), preset, None
+        with config_errors():
+            return C.make_config(args.dataset, preset, **overrides), preset, None
     if not os.path.exists(path):
         # A run cut off before this model started: begin it fresh, with the run's config.
         others = [n for n in C_NAMES if os.path.exists(ckpt_path(args.out, n))]
@@ -93,6 +95,15 @@ def resolve_config_from(ck, args, overrides, path):
     return cfg, ck["meta"]["preset"], None
 
 
+@contextlib.contextmanager
+def config_errors():
+    """A config value the model or schedule rejects is bad input, not a crash: one line, exit 2."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{e} (check the flags you passed; see python train.py --help)") from None
+
+
 def autocast(device):
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -111,8 +122,9 @@ def train_ddpm(args, device) -> str:
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     data = load_data(cfg["data"])
-    diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
-    model = UNet.from_config(cfg["data"], cfg["unet"]).to(device)
+    with config_errors():
+        diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
+        model = UNet.from_config(cfg["data"], cfg["unet"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
@@ -181,8 +193,9 @@ def train_classifier(args, device, spectral: bool) -> str:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = load_data(cfg["data"])
-    diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
-    model = NoisyClassifier.from_config(cfg["data"], cc, spectral=spectral).to(device)
+    with config_errors():
+        diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
+        model = NoisyClassifier.from_config(cfg["data"], cc, spectral=spectral).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cc.clf_lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if ck is not None:

@@ -32,7 +32,8 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    rows = {"uncond": [evaluate.evaluate_run(a.run, a.n, methods=("uncond",), figures=False)["uncond"]],
+    rows = {"uncond": [evaluate.evaluate_run(a.run, a.n, methods=("uncond",), figures=False,
+                                                write_metrics=False)["uncond"]],
             "multi": [], "multi_sn": []}
     for s in range(1, a.seeds + 1):
         sub = os.path.join(a.run, "table", f"seed{s}")

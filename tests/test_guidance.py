@@ -140,3 +140,10 @@ def test_sample_cli_classifier_for_other_image_size(tiny_run, tmp_path):
                + TINY + ["--image-size", "32"])
     assert_one_line_error(run_cli("sample.py", "--run", run, "--guidance", "multi", "--n", "2"),
                           "32x32", "16x16")
+
+
+def test_sample_cli_bad_steps_and_target(tiny_run):
+    assert_one_line_error(run_cli("sample.py", "--run", tiny_run, "--steps", "500", "--n", "2"),
+                          "--steps 500", "2..50")
+    assert_one_line_error(run_cli("sample.py", "--run", tiny_run, "--guidance", "single", "--target", "7",
+                                  "--n", "2"), "--target 7")

@@ -128,3 +128,29 @@ def test_cli_out_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     assert_one_line_error(run_cli("train.py", "--out", str(f)), "cannot write", "--out")
+
+
+def test_cli_bad_config_value(tmp_path):
+    assert_one_line_error(run_cli("train.py", "--out", str(tmp_path / "x"), "--noise-schedule", "quadratic"),
+                          "noise schedule", "quadratic")
+    assert_one_line_error(run_cli("train.py", "--out", str(tmp_path / "y"), "--image-size", "30"),
+                          "divisible")
+
+
+def test_paper_preset_builds_the_authors_models():
+    from classifier import NoisyClassifier
+    cfg = C.make_config("circles", "paper")
+    assert cfg["data"].image_size == 64 and cfg["diffusion"].timesteps == 4000
+    assert cfg["diffusion"].prediction == "eps" and cfg["train"].steps == 30000
+    m = UNet.from_config(cfg["data"], cfg["unet"])
+    clf = NoisyClassifier.from_config(cfg["data"], cfg["classifier"])
+    x, t = torch.randn(1, 1, 64, 64), torch.tensor([3999])
+    with torch.no_grad():
+        assert m(x, t).shape == x.shape and clf(x, t).shape == (1, 2)
+    n = sum(p.numel() for p in m.parameters())
+    assert 50e6 < n < 200e6, n  # 128 ch x (1,2,3,4), 3 res blocks
+
+
+def test_unknown_preset_is_clear():
+    with pytest.raises(ValueError, match="unknown dataset/preset"):
+        C.make_config("circles", "gpu")
