@@ -1,4 +1,5 @@
-"""The run-directory contract (see DESIGN.md): devices, one checkpoint file per model, clear errors.
+"""The run-directory contract: devices, one checkpoint file per model, the uint8 file boundary,
+clear errors.
 
 A run directory ``runs/<name>/`` holds one checkpoint per trained model:
   ddpm.pt, classifier.pt, classifier_sn.pt
@@ -12,6 +13,7 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 CKPT_NAMES = {"ddpm": "ddpm.pt", "classifier": "classifier.pt", "classifier_sn": "classifier_sn.pt"}
@@ -33,17 +35,55 @@ def cli(main):
         sys.exit(130)
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless the user named one."""
+    """cuda, then mps, then cpu, unless the user named one (a bad name is a one-line error).
+
+    On the CPU, torch uses every core for intra-op parallelism (one place for set_num_threads)."""
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name} requested but CUDA is not available; use --device cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"unsupported --device {name!r}; use cpu, cuda, cuda:N or mps")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {name} requested but CUDA is not available; use --device cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); "
+                                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "mps" and not _mps_available():
+            raise UserError(f"--device {name} requested but MPS is not available; use --device cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif _mps_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    return device
+
+
+# ----- the file boundary: images are float [-1, 1] NCHW inside, uint8 NHWC on disk -------------
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float NCHW tensor -> uint8 NHWC array."""
+    return ((x.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(a: np.ndarray, channels: int | None = None) -> torch.Tensor:
+    """uint8 NHWC (or NHW for grey images) array -> [-1, 1] float32 NCHW tensor; ``channels``
+    repeats a grey channel (e.g. for a 3-channel model)."""
+    x = torch.from_numpy(np.ascontiguousarray(a)).float().div(127.5).sub(1.0)
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    if channels is not None and x.shape[1] != channels:
+        x = x.repeat(1, channels // x.shape[1], 1, 1)
+    return x.contiguous()
 
 
 def ckpt_path(run: str, name: str) -> str:

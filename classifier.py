@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from config import ClassifierConfig, DataConfig
 from unet import AttentionBlock, ResBlock, Sequence, TimeEmbedding, build_encoder, norm
 
 
@@ -47,8 +48,12 @@ class AttentionPool(nn.Module):
 
 
 class NoisyClassifier(nn.Module):
-    def __init__(self, image_size=32, channels=1, num_classes=2, clf_channels=32,
-                 clf_channel_mult=(1, 2, 2), clf_res_blocks=1, clf_attention_resolutions=(8,),
+    # Defaults are config.py's (the cpu preset): one place for every default.
+    def __init__(self, image_size=DataConfig.image_size, channels=DataConfig.channels, num_classes=2,
+                 clf_channels=ClassifierConfig.clf_channels,
+                 clf_channel_mult=ClassifierConfig.clf_channel_mult,
+                 clf_res_blocks=ClassifierConfig.clf_res_blocks,
+                 clf_attention_resolutions=ClassifierConfig.clf_attention_resolutions,
                  head_channels=32, spectral_norm_scale: float | None = None):
         super().__init__()
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes

@@ -5,7 +5,7 @@ flags of train.py are generated from these fields (``model_channels`` -> ``--mod
 so a flag is written once, here. A run's full config is stored in its checkpoint; sample.py and
 evaluate.py read it back from there (``from_dict``) instead of repeating flags.
 
-Presets (paper §5.5, App. C; "Facts already established" in DEVELOPERS.md):
+Presets (paper §5.5, App. C; the authors' circles configuration):
   * ``paper`` - the authors' circles setup: 64x64, UNet 128 ch, 3 res blocks, mult 1,2,3,4,
     attention at 16 and 8, T = 4000 cosine, 30k steps x batch 64; classifier width 64, depth 2,
     attention at 8, 3000 steps. (The authors learn Sigma; this codebase uses fixed variance
@@ -135,29 +135,40 @@ def _parse_tuple(s: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_defaults=None,
+                       title: str | None = None) -> None:
+    """One ``--flag`` per field of dataclass ``cls`` (``model_channels`` -> ``--model-channels``).
+
+    Defaults are None so that only the flags a user typed override a preset or a stored config
+    (see ``overrides_from_args``); ``help_defaults`` (an instance) is what ``--help`` shows."""
+    shown = help_defaults if help_defaults is not None else cls()
+    grp = parser.add_argument_group(title or f"{cls.__name__}")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:  # e.g. --dataset, declared by the CLI itself
+            continue
+        default = getattr(shown, f.name)
+        kind = f.default if f.default is not dataclasses.MISSING else default
+        if isinstance(kind, bool):
+            grp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                             help=f"(default: {default})")
+        elif isinstance(kind, tuple):
+            grp.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,..",
+                             help=f"(default: {','.join(map(str, default))})")
+        else:
+            typ = type(kind) if kind is not None else str
+            grp.add_argument(flag, type=typ, default=None, help=f"(default: {default})")
+
+
 def add_config_args(parser: argparse.ArgumentParser, groups=("data", "unet", "diffusion",
                                                               "classifier", "train")) -> None:
-    """Generate one --flag per dataclass field. Defaults are None so that only flags the user
-    typed override the preset (see ``overrides_from_args``)."""
+    """The flags of the model/training config groups (their help shows the cpu preset)."""
     for g in groups:
-        cls = GROUPS[g]
-        grp = parser.add_argument_group(f"{g} config ({cls.__name__})")
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if flag in parser._option_string_actions:  # e.g. --dataset, declared by the CLI itself
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(default, bool):
-                grp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                 help=f"(cpu preset: {default})")
-            elif isinstance(default, tuple):
-                grp.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,..",
-                                 help=f"(cpu preset: {','.join(map(str, default))})")
-            else:
-                grp.add_argument(flag, type=type(default), default=None,
-                                 help=f"(cpu preset: {default})")
+        add_dataclass_args(parser, GROUPS[g], title=f"{g} config ({GROUPS[g].__name__}, cpu preset)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    names = set().union(*(_names(c) for c in GROUPS.values())) - {"dataset"}
+def overrides_from_args(args: argparse.Namespace, classes=None) -> dict:
+    """The fields the user typed (non-None), for the given dataclasses (default: GROUPS)."""
+    classes = classes or GROUPS.values()
+    names = set().union(*(_names(c) for c in classes)) - {"dataset"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}

@@ -52,6 +52,21 @@ def lr_at(step, base, warmup, total):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """EMA decay with warm-up, min(max_decay, (1 + step) / (10 + step)): early weights (random
+    init) are forgotten fast, so short runs are not dominated by them."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
 def resolve_config(args, name, device):
     """The config of model ``name``: from its checkpoint on --resume, else from preset + flags."""
     overrides = C.overrides_from_args(args)
@@ -160,11 +175,7 @@ def train_ddpm(args, device) -> str:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        # EMA with warm-up (decay grows to ema_decay) so short runs are not dominated by init.
-        decay = min(tc.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
         step += 1
         seen += x0.shape[0]
         bar.update(1)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import DataConfig, UNetConfig
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Transformer-style sinusoidal embedding of integer timesteps: [cos(t w_i), sin(t w_i)]."""
@@ -141,8 +143,12 @@ class _InConv(nn.Conv2d):
 class UNet(nn.Module):
     """eps_theta(x_t, t) for images of ``image_size`` and ``channels`` channels."""
 
-    def __init__(self, image_size=32, channels=1, model_channels=32, channel_mult=(1, 2, 2),
-                 num_res_blocks=1, attention_resolutions=(8,), num_head_channels=32, dropout=0.0):
+    # Defaults are config.py's (the cpu preset): one place for every default.
+    def __init__(self, image_size=DataConfig.image_size, channels=DataConfig.channels,
+                 model_channels=UNetConfig.model_channels, channel_mult=UNetConfig.channel_mult,
+                 num_res_blocks=UNetConfig.num_res_blocks,
+                 attention_resolutions=UNetConfig.attention_resolutions,
+                 num_head_channels=UNetConfig.num_head_channels, dropout=UNetConfig.dropout):
         super().__init__()
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
