@@ -70,6 +70,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     save_every: int = 500
+    log_every: int = 50            # loss/lr/images-per-s to log_<model>.jsonl (the only host syncs)
     seed: int = 0
 
 

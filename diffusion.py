@@ -51,8 +51,12 @@ def make_betas(schedule: str, T: int) -> np.ndarray:
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
-    """Gather a[t] (float64 buffer) for a batch of indices and broadcast to ``shape`` as float32."""
-    return a.to(t.device)[t].float().view(-1, *([1] * (len(shape) - 1)))
+    """Gather a[t] for a batch of indices and broadcast it against ``shape`` (no copy, no cast:
+    ``a`` must already live on t's device in the working dtype, see GaussianDiffusion.to)."""
+    if a.device != t.device:
+        raise RuntimeError(f"schedule table on {a.device} but timesteps on {t.device}; "
+                           "call diffusion.to(device) once after building it")
+    return a[t].view(-1, *([1] * (len(shape) - 1)))
 
 
 def respace_indices(T: int, K: int) -> list[int]:
@@ -103,6 +107,22 @@ class GaussianDiffusion:
         # al.). Both use beta~_1 at t = 0 for the same reason as above.
         large = np.append(post_var[1], b[1:])
         self.model_variance = t64(large if variance == "fixed_large" else small)
+        self.to("cpu")
+
+    _TABLES = ("betas", "alphas_cumprod", "sqrt_ab", "sqrt_1m_ab", "sqrt_recip_ab", "sqrt_recipm1_ab",
+               "posterior_variance", "posterior_c0", "posterior_ct", "model_variance")
+
+    def to(self, device) -> "GaussianDiffusion":
+        """Working copies of the schedule on ``device``: float32 (MPS has no float64), made once so
+        that no sampling or training step copies host -> device. The float64 tables above stay the
+        reference (tests, analysis); ``self.f32[name]`` is what the hot paths read."""
+        self.device = torch.device(device)
+        self.f32 = {k: getattr(self, k).to(self.device, torch.float32) for k in self._TABLES}
+        self._map = self.timestep_map.to(self.device)
+        return self
+
+    def _at(self, name: str, t: torch.Tensor, shape) -> torch.Tensor:
+        return extract(self.f32[name], t, shape)
 
     # ----- construction helpers -------------------------------------------------------------
     @classmethod
@@ -127,33 +147,33 @@ class GaussianDiffusion:
     def q_sample(self, x0, t, noise=None):
         """Eq. (4): draw x_t ~ q(x_t | x_0)."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return extract(self.sqrt_ab, t, x0.shape) * x0 + extract(self.sqrt_1m_ab, t, x0.shape) * noise
+        return self._at("sqrt_ab", t, x0.shape) * x0 + self._at("sqrt_1m_ab", t, x0.shape) * noise
 
     def q_posterior(self, x0, xt, t):
         """Eq. (5)-(6): mean and variance of q(x_{t-1} | x_t, x_0)."""
-        mean = extract(self.posterior_c0, t, xt.shape) * x0 + extract(self.posterior_ct, t, xt.shape) * xt
-        return mean, extract(self.posterior_variance, t, xt.shape)
+        mean = self._at("posterior_c0", t, xt.shape) * x0 + self._at("posterior_ct", t, xt.shape) * xt
+        return mean, self._at("posterior_variance", t, xt.shape)
 
     def predict_x0(self, xt, t, eps):
-        return extract(self.sqrt_recip_ab, t, xt.shape) * xt - extract(self.sqrt_recipm1_ab, t, xt.shape) * eps
+        return self._at("sqrt_recip_ab", t, xt.shape) * xt - self._at("sqrt_recipm1_ab", t, xt.shape) * eps
 
     def model_eps(self, out, xt, t):
         """The network's output as an eps-prediction. For v-prediction (Salimans & Ho, 2022),
         v = sqrt(abar) eps - sqrt(1 - abar) x_0, hence eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
         if self.prediction == "eps":
             return out
-        return extract(self.sqrt_1m_ab, t, xt.shape) * xt + extract(self.sqrt_ab, t, xt.shape) * out
+        return self._at("sqrt_1m_ab", t, xt.shape) * xt + self._at("sqrt_ab", t, xt.shape) * out
 
     def target(self, x0, noise, t):
         """What the network regresses: eps (Ho et al.) or v."""
         if self.prediction == "eps":
             return noise
-        return extract(self.sqrt_ab, t, x0.shape) * noise - extract(self.sqrt_1m_ab, t, x0.shape) * x0
+        return self._at("sqrt_ab", t, x0.shape) * noise - self._at("sqrt_1m_ab", t, x0.shape) * x0
 
     # ----- reverse process --------------------------------------------------------------------
     def model_t(self, t):
         """Original timestep indices for (respaced) indices t: what networks are fed."""
-        return self.timestep_map.to(t.device)[t]
+        return self._map[t]
 
     def p_mean_variance(self, model, xt, t, clip_denoised=True):
         """Model output -> (mean, variance, x^_0) of p_theta(x_{t-1} | x_t).
@@ -166,7 +186,7 @@ class GaussianDiffusion:
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, xt, t)
-        return mean, extract(self.model_variance, t, xt.shape), x0
+        return mean, self._at("model_variance", t, xt.shape), x0
 
     def p_sample(self, model, xt, t, clip_denoised=True, guidance=None, generator=None):
         """One ancestral step x_t -> x_{t-1}.
