@@ -96,7 +96,7 @@ def ensure_writable_dir(path: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to output directory {path!r} ({e.strerror}); "
+        raise UserError(f"cannot write to output directory {path!r} ({e.strerror or e}); "
                         "pass a writable --out") from None
 
 

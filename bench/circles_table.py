@@ -1,65 +1,153 @@
-"""The §5.5 table over several classifier seeds on one DDPM: mean ± std per method.
+"""The §5.5 table over DDPM seeds x classifier seeds: mean ± std per method, leakage per DDPM seed.
 
-    python bench/circles_table.py --run runs/circles [--seeds 3] [--n 512]
+    python bench/circles_table.py [--root runs/table] [--ddpm-seeds 0,1,2] [--clf-seeds 1,2] [--n 512]
 
-For each seed s, trains a fresh classifier and spectral-norm twin (train.py --seed s) into
-<run>/table/seed<s>/ next to a link to the run's DDPM, samples --n images with multi-guidance for
-each, and measures them with evaluate.py. The unconditional row uses the run itself. The paper
-reports mean ± std over 10 classifiers (78 % ± 8.7 % plain, 75 % ± 13.3 % spectral norm).
+Trains what is missing (cpu preset, ``train.py --seed s``), one directory per model seed:
+  <root>/ddpm_seed<s>/ddpm.pt            the DDPM of seed s
+  <root>/clf_seed<c>/classifier{,_sn}.pt  a classifier pair of seed c (it does not depend on the DDPM)
+  <root>/pair_d<s>_c<c>/                 links to both, where multi / multi_sn are sampled
+then samples --n images per method with evaluate.py (cached in each directory) and prints:
+  * per DDPM seed: the unconditional middle fraction (one disc with z in [0.2, 0.8], over all
+    samples) and *where* the leaking discs sit: centre columns just past a band edge vs deep in
+    the middle;
+  * per method: mean ± std over all (DDPM seed, classifier seed) pairs of accuracy, blob, zero,
+    two-or-more and zero-or-two rates, histogram MSE / KLD (with the histogram's n).
+The paper reports mean ± std over 10 classifiers on one DDPM (78 % ± 8.7 % plain, 75 % ± 13.3 %
+spectral norm). Wall time is printed beside the fp32 matmul GFLOP/s measured in the same run.
 """
 import argparse
 import json
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from checkpoint import pick_device  # noqa: E402
+from toy_circles import band_positions  # noqa: E402
+from train_speed import matmul_peak  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
-KEYS = ["accuracy", "zero_disc", "two_plus_disc", "zero_or_two", "one_disc", "hist_mse", "hist_kld"]
+KEYS = ["accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two", "hist_mse",
+        "hist_kld", "hist_n"]
+PCT = {"accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two"}
+
+
+def ensure_trained(out, model, seed):
+    names = {"ddpm": ["ddpm.pt"], "classifier": ["classifier.pt", "classifier_sn.pt"]}[model]
+    if all(os.path.exists(os.path.join(out, n)) for n in names):
+        return
+    resume = ["--resume"] if any(os.path.exists(os.path.join(out, n)) for n in names) else []
+    train.main(["--dataset", "circles", "--model", model, "--seed", str(seed), "--out", out,
+                "--no-grid"] + resume)
+
+
+def link_pair(root, s, c):
+    pair = os.path.join(root, f"pair_d{s}_c{c}")
+    os.makedirs(pair, exist_ok=True)
+    for name, src in (("ddpm.pt", f"ddpm_seed{s}"), ("classifier.pt", f"clf_seed{c}"),
+                      ("classifier_sn.pt", f"clf_seed{c}")):
+        link = os.path.join(pair, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join("..", src, name), link)
+    return pair
+
+
+def leak_columns(run, size, delta=0.2):
+    """Centre columns of the unconditional one-disc samples that lie in z in [0.2, 0.8]."""
+    images = np.load(os.path.join(run, "eval_uncond.npz"))["images"]
+    z = evaluate.circle_stats(images)["z"]
+    cols = np.rint(z[(z >= delta) & (z <= 1 - delta)] * (size - 1)).astype(int)
+    return dict(sorted(Counter(cols.tolist()).items()))
+
+
+def band_edges(size, delta=0.2):
+    """Last centre column of the left training band and first of the right one."""
+    xs = {x for x, _ in band_positions(size, delta)}
+    return max(x for x in xs if x < size / 2), min(x for x in xs if x >= size / 2)
+
+
+def fmt(k, v):
+    v = np.asarray(v, dtype=float)
+    if k in PCT:
+        return f"{v.mean():.1%} ± {v.std():.1%}"
+    if k == "hist_n":
+        return f"{v.mean():.0f}"
+    return f"{v.mean():.3f} ± {v.std():.3f}"
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--run", default="runs/circles")
-    p.add_argument("--seeds", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/table")
+    p.add_argument("--ddpm-seeds", default="0,1,2")
+    p.add_argument("--clf-seeds", default="1,2")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--lambdas", default="30,30")
     a = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    pick_device("cpu")
+    ds = [int(s) for s in a.ddpm_seeds.split(",")]
+    cs = [int(c) for c in a.clf_seeds.split(",")]
+    peak = matmul_peak()
     t0 = time.time()
-    rows = {"uncond": [evaluate.evaluate_run(a.run, a.n, methods=("uncond",), figures=False,
-                                                write_metrics=False)["uncond"]],
-            "multi": [], "multi_sn": []}
-    for s in range(1, a.seeds + 1):
-        sub = os.path.join(a.run, "table", f"seed{s}")
-        os.makedirs(sub, exist_ok=True)
-        link = os.path.join(sub, "ddpm.pt")
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(os.path.join(a.run, "ddpm.pt")), link)
-        if not os.path.exists(os.path.join(sub, "classifier_sn.pt")):
-            train.main(["--model", "classifier", "--out", sub, "--resume", "--seed", str(s)])
-        m = evaluate.evaluate_run(sub, a.n, lambdas=a.lambdas, methods=("multi", "multi_sn"), figures=False)
-        for k in ("multi", "multi_sn"):
-            rows[k].append(m[k])
-        print(f"seed {s}: " + "; ".join(f"{k} acc {m[k]['accuracy']:.1%} zero {m[k]['zero_disc']:.1%}"
-                                        for k in ("multi", "multi_sn")), flush=True)
+    for s in ds:
+        ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s)
+    for c in cs:
+        ensure_trained(os.path.join(a.root, f"clf_seed{c}"), "classifier", c)
+    t_train = time.time() - t0
+
+    rows = {"uncond": [], "multi": [], "multi_sn": []}
+    per_ddpm, sample_s = {}, 0.0
+    for s in ds:
+        run = os.path.join(a.root, f"ddpm_seed{s}")
+        m = evaluate.evaluate_run(run, a.n, methods=("uncond",), figures=False, log=lambda *_: None)["uncond"]
+        rows["uncond"].append(m)
+        sample_s += m["sample_seconds"]
+        size = train.C.from_dict(train.load_checkpoint(run, "ddpm")["config"])["data"].image_size
+        cols = leak_columns(run, size)
+        left_end, right_start = band_edges(size)
+        edge = {x for x in range(size) if 0 < x - left_end <= 2 or 0 < right_start - x <= 2}
+        per_ddpm[s] = {"uncond_middle": m["accuracy"], "leak_columns": cols,
+                       "leak_near_band_edge": sum(v for x, v in cols.items() if x in edge),
+                       "leak_deep_middle": sum(v for x, v in cols.items() if x not in edge)}
+        for c in cs:
+            pair = link_pair(a.root, s, c)
+            mm = evaluate.evaluate_run(pair, a.n, lambdas=a.lambdas, methods=("multi", "multi_sn"),
+                                       figures=False, log=lambda *_: None)
+            for k in ("multi", "multi_sn"):
+                rows[k].append(dict(mm[k], ddpm_seed=s, clf_seed=c))
+                sample_s += mm[k]["sample_seconds"]
+            print(f"ddpm {s} clf {c}: " + "; ".join(
+                f"{k} acc {mm[k]['accuracy']:.1%} blob {mm[k]['blob']:.1%} zero {mm[k]['zero_disc']:.1%} "
+                f"2+ {mm[k]['two_plus_disc']:.1%}" for k in ("multi", "multi_sn")), flush=True)
+
+    print(f"\nunconditional leakage per DDPM seed ({a.n} samples each; the left band ends at x = "
+          f"{left_end}, the right one starts at {right_start}, {size} px):")
+    for s, d in per_ddpm.items():
+        print(f"  seed {s}: middle {d['uncond_middle']:.1%}  ({d['leak_near_band_edge']} within 2 px of a "
+              f"band edge, {d['leak_deep_middle']} deeper)  columns {d['leak_columns']}")
+    um = np.array([d["uncond_middle"] for d in per_ddpm.values()])
+    print(f"  mean ± std over {len(ds)} DDPM seeds: {um.mean():.1%} ± {um.std():.1%}")
+
+    print(f"\n{'method':<9}{'pairs':>6}" + "".join(f"{k:>17}" for k in KEYS))
     summary = {}
-    print(f"\n{'method':<10}" + "".join(f"{k:>18}" for k in KEYS))
     for name, rs in rows.items():
-        vals = {k: np.array([r[k] for r in rs]) for k in KEYS}
-        summary[name] = {k: [float(v.mean()), float(v.std())] for k, v in vals.items()}
-        fmt = lambda k, v: (f"{v.mean():.1%} ± {v.std():.1%}" if k not in ("hist_mse", "hist_kld")
-                            else f"{v.mean():.3f} ± {v.std():.3f}")
-        print(f"{name:<10}" + "".join(f"{fmt(k, v):>18}" for k, v in vals.items()))
+        vals = {k: [r[k] for r in rs] for k in KEYS}
+        summary[name] = {k: [float(np.mean(v)), float(np.std(v))] for k, v in vals.items()}
+        print(f"{name:<9}{len(rs):>6}" + "".join(f"{fmt(k, v):>17}" for k, v in vals.items()))
     print("paper:    multi accuracy 78% ± 8.7%, zero-or-two 4.25% ± 2.45%; multi_sn accuracy 75% ± 13.3%")
-    with open(os.path.join(a.run, "table", "summary.json"), "w") as f:
-        json.dump({"seeds": a.seeds, "n": a.n, "lambdas": a.lambdas, "summary": summary}, f, indent=2)
-    print(f"{a.seeds} seeds in {(time.time() - t0) / 60:.1f} min; wrote {a.run}/table/summary.json")
+    wall = time.time() - t0
+    out = os.path.join(a.root, "summary.json")
+    with open(out, "w") as f:
+        json.dump({"ddpm_seeds": ds, "clf_seeds": cs, "n": a.n, "lambdas": a.lambdas, "summary": summary,
+                   "per_ddpm_seed": {str(k): v for k, v in per_ddpm.items()},
+                   "pairs": {k: v for k, v in rows.items() if k != "uncond"},
+                   "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2, default=str)
+    print(f"\n{len(ds)} DDPM seeds x {len(cs)} classifier seeds: {wall / 60:.1f} min in this command "
+          f"(training {t_train / 60:.1f} min, sampling {sample_s / 60:.1f} min of which cached runs "
+          f"count their original time); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; wrote {out}")
 
 
 if __name__ == "__main__":
