@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config as C  # noqa: E402
+from checkpoint import pick_device  # noqa: E402
 from classifier import NoisyClassifier  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from guidance import multi_guidance, single_guidance  # noqa: E402
@@ -27,7 +28,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    pick_device("cpu")  # sets the CPU thread count
     if os.path.exists(os.path.join(a.run, "classifier.pt")):
         from sample import load_classifier, load_ddpm
         model, cfg = load_ddpm(a.run, "cpu")

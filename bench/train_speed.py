@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config as C  # noqa: E402
+from checkpoint import pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from toy_circles import CirclesData  # noqa: E402
 from unet import UNet  # noqa: E402
@@ -37,7 +38,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=None)
     a = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    pick_device("cpu")  # sets the CPU thread count
     cfg = C.make_config("circles", a.preset)
     bs = a.batch_size or cfg["train"].batch_size
     model = UNet.from_config(cfg["data"], cfg["unet"])
