@@ -1,0 +1,424 @@
+"""CelebA from a local folder: attributes, partitions, the authors' crop, a decoded cache (§4.3, §5.1).
+
+The paper trains on CelebA (Liu et al., 2015) at 64x64 (§5, App. C): the DDPM and the guidance
+classifier see a subset of the *train* partition that keeps only extreme examples of one
+attribute ("Smiling" in §5.1, "Young" and "Blond_Hair"/"Black_Hair" in §5.4), selected by the
+filtering of §4.3 / App. D.1. The authors publish those subsets as *index lists*: one 0-based
+integer per line indexing the train partition (index i <-> file ``{i+1:06d}.jpg``, since
+CelebA's train partition is the contiguous files 000001..162770). ``data_filter.py`` will write
+such lists; this module reads them.
+
+Expected layout of ``DIR`` (CelebA's own file names):
+  DIR/img_align_celeba/000001.jpg ...   178x218 aligned and cropped faces (not the in-the-wild set)
+  DIR/list_attr_celeba.txt              line 1: image count; line 2: the 40 attribute names;
+                                        then ``000001.jpg  -1  1 ...`` (-1/1 -> 0/1 here)
+  DIR/list_eval_partition.txt           ``000001.jpg 0`` (0 train, 1 valid, 2 test)
+
+Preprocessing (the authors' 64 px pipeline): a centred 178x178 square taking rows 20..197
+inclusive (``img[20:198]``, full width), then PIL's antialiased bicubic resize
+(``Image.resize(..., Image.BICUBIC, reducing_gap=None)``: the filter support grows with the
+downscale factor, so it averages over the source pixels instead of aliasing) to ``size``
+(64 for the paper, 32 for the cpu preset). Images stay uint8 HWC RGB until ``batch``.
+
+Decoded cache: JPEG decoding costs ~1-2 ms an image, i.e. minutes per epoch of 162,770 images
+on a laptop, so every image of a split is decoded ONCE into ``<tag>_<split>_<size>px.npy``
+(uint8 [N, S, S, 3], ~2 GB for the train split at 64 px) and memory-mapped afterwards. A JSON
+sidecar records the size, split, file count, preprocessing version and a fingerprint of the
+source; the cache is rebuilt when any of it differs (see ``source_fingerprint``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from checkpoint import UserError, cli, from_uint8
+
+ATTR_FILE = "list_attr_celeba.txt"
+PARTITION_FILE = "list_eval_partition.txt"
+IMAGE_DIR = "img_align_celeba"
+SPLITS = {"train": 0, "valid": 1, "test": 2, "all": None}
+SOURCE_SIZE = (178, 218)           # (width, height) of img_align_celeba
+CROP_ROWS = (20, 198)              # rows 20..197 inclusive: the centred 178x178 square
+PREPROCESS = "rows20-197_pil-bicubic-antialias_v1"   # bump when the pixels would change
+GET_IT = (f"download CelebA's img_align_celeba.zip (extract it), {ATTR_FILE} and "
+          f"{PARTITION_FILE} into")
+
+
+# ----- the list files ---------------------------------------------------------------------------
+
+def _require_file(data_dir: str, name: str) -> str:
+    if not os.path.isdir(data_dir):
+        raise UserError(f"CelebA folder {data_dir!r} does not exist; {GET_IT} {data_dir}")
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{name} is missing from {data_dir!r}; {GET_IT} {data_dir}")
+    return path
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().splitlines()
+
+
+def read_attributes(data_dir: str):
+    """Return (40 attribute names, file names, int8 [N, 40] array with CelebA's -1/1 as 0/1)."""
+    path = _require_file(data_dir, ATTR_FILE)
+    lines = _lines(path)
+    if len(lines) < 2:
+        raise UserError(f"{path} is truncated (no attribute-name line); download it again")
+    names = lines[1].split()
+    rows = [(k + 1, line.split()) for k, line in enumerate(lines) if k >= 2 and line.strip()]
+    bad = next((k for k, r in rows if len(r) != len(names) + 1), None)
+    if bad is not None:
+        raise UserError(f"{path} line {bad}: expected a file name and {len(names)} values of "
+                        "-1/1; download the file again")
+    files = [r[0] for _, r in rows]
+    try:
+        values = np.array([r[1:] for _, r in rows], dtype=np.int8).reshape(len(rows), len(names))
+    except (ValueError, OverflowError):
+        values = np.zeros(0)
+    if values.size != len(rows) * len(names) or not np.isin(values, (-1, 1)).all():
+        raise UserError(f"{path} holds values other than -1/1; download the file again")
+    if lines[0].strip().isdigit() and int(lines[0]) != len(files):
+        raise UserError(f"{path} announces {int(lines[0])} images on line 1 but lists "
+                        f"{len(files)}; download the file again")
+    return names, files, ((values + 1) // 2).astype(np.int8)
+
+
+def _read_partition_file(data_dir: str):
+    path = _require_file(data_dir, PARTITION_FILE)
+    files, parts = [], []
+    for k, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        r = line.split()
+        if len(r) != 2 or r[1] not in ("0", "1", "2"):
+            raise UserError(f"{path} line {k}: expected 'NNNNNN.jpg 0|1|2', got {line.strip()!r}; "
+                            "download the file again")
+        files.append(r[0])
+        parts.append(int(r[1]))
+    return files, np.array(parts, dtype=np.int8)
+
+
+def read_partition(data_dir: str) -> np.ndarray:
+    """int8 [N]: 0 train, 1 valid, 2 test, in list_eval_partition.txt's file order."""
+    return _read_partition_file(data_dir)[1]
+
+
+def attribute_index(names: list[str], name: str) -> int:
+    """Column of attribute ``name``; an unknown name is a one-line error listing the valid ones."""
+    if name not in names:
+        raise UserError(f"unknown CelebA attribute {name!r}; choose from {', '.join(names)}")
+    return names.index(name)
+
+
+def split_rows(data_dir: str, split: str):
+    """(names, files, attrs, rows): rows are the positions of ``split``'s images in file order."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    names, files, attrs = read_attributes(data_dir)
+    p_files, parts = _read_partition_file(data_dir)
+    if p_files != files:
+        raise UserError(f"{ATTR_FILE} and {PARTITION_FILE} in {data_dir!r} list different files; "
+                        "download both again from the same CelebA release")
+    code = SPLITS[split]
+    rows = np.arange(len(files)) if code is None else np.flatnonzero(parts == code)
+    return names, files, attrs, rows
+
+
+# ----- index lists (the authors' published format) ----------------------------------------------
+
+def read_index_list(path: str, n_train: int) -> np.ndarray:
+    """int64 indices into the train partition, one 0-based integer per line (blank lines ignored)."""
+    if not os.path.isfile(path):
+        raise UserError(f"index list {path!r} does not exist; pass a file with one 0-based train "
+                        "index per line")
+    out = []
+    for k, line in enumerate(_lines(path), start=1):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            i = int(s)
+        except ValueError:
+            raise UserError(f"index list {path} line {k}: {s[:40]!r} is not an integer; expected "
+                            "one 0-based train index per line") from None
+        if not 0 <= i < n_train:
+            raise UserError(f"index list {path} line {k}: index {i} is outside the train split "
+                            f"(0..{n_train - 1}); was the list made for another dataset?")
+        out.append(i)
+    if not out:
+        raise UserError(f"index list {path} holds no indices; expected one 0-based train index "
+                        "per line")
+    return np.array(out, dtype=np.int64)
+
+
+def write_index_list(path: str, indices) -> None:
+    """Write indices (0-based, into the train partition) one per line, atomically."""
+    text = "".join(f"{int(i)}\n" for i in indices)
+    _write_atomic(path, text.encode())
+
+
+# ----- preprocessing ----------------------------------------------------------------------------
+
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """178x218 PIL image -> uint8 [size, size, 3]: rows 20..197, antialiased bicubic resize."""
+    img = img.convert("RGB").crop((0, CROP_ROWS[0], img.width, CROP_ROWS[1]))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode one CelebA JPEG and preprocess it (the only place JPEGs are decoded)."""
+    try:
+        with Image.open(path) as img:
+            if img.size != SOURCE_SIZE:
+                raise UserError(f"{path} is {img.width}x{img.height}, expected 178x218; use the "
+                                f"aligned set ({IMAGE_DIR}.zip), not the in-the-wild images")
+            return preprocess(img, size)
+    except FileNotFoundError:
+        raise UserError(f"image {path} is missing; extract {IMAGE_DIR}.zip again into "
+                        f"{os.path.dirname(os.path.dirname(path)) or '.'}") from None
+    except OSError as e:  # truncated or not a JPEG
+        raise UserError(f"cannot decode {path} ({e}); extract {IMAGE_DIR}.zip again") from None
+
+
+# ----- the decoded cache ------------------------------------------------------------------------
+
+def _image_dir(data_dir: str) -> str:
+    d = os.path.join(data_dir, IMAGE_DIR)
+    if not os.path.isdir(d):
+        raise UserError(f"{IMAGE_DIR}/ is missing from {data_dir!r}; extract {IMAGE_DIR}.zip "
+                        f"into {data_dir}")
+    return d
+
+
+def _stat(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"image {path} is missing; extract {IMAGE_DIR}.zip again") from None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def source_fingerprint(data_dir: str, files: list[str]) -> dict:
+    """Cheap summary of the source that changes when the data does, without reading any image.
+
+    Size + mtime of both list files; the image folder's mtime (it changes when a file is added,
+    removed or replaced by rename) and its .jpg count; size + mtime of the split's first and last
+    images and of 14 evenly spaced ones. Not detected: an image rewritten in place in the middle
+    of the split without touching the folder (delete the cache to force a rebuild)."""
+    img_dir = _image_dir(data_dir)
+    with os.scandir(img_dir) as it:
+        count = sum(1 for e in it if e.name.endswith(".jpg"))
+    picks = sorted({files[int(round(k))] for k in np.linspace(0, len(files) - 1, 16)}) if files else []
+    return {
+        "attr": _stat(os.path.join(data_dir, ATTR_FILE)),
+        "partition": _stat(os.path.join(data_dir, PARTITION_FILE)),
+        "image_dir": [count, os.stat(img_dir).st_mtime_ns],
+        "images": {f: _stat(os.path.join(img_dir, f)) for f in picks},
+    }
+
+
+def cache_paths(data_dir: str, split: str, size: int, cache_dir: str | None = None):
+    """(npy, json) paths: next to the data, or in ``cache_dir`` tagged by the data folder."""
+    if cache_dir is None:
+        d, tag = data_dir, "cache"
+    else:  # several data folders may share one cache folder
+        real = os.path.realpath(data_dir)
+        d = cache_dir
+        tag = f"{os.path.basename(real) or 'data'}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+    base = os.path.join(d, f"{tag}_{split}_{size}px")
+    return base + ".npy", base + ".json"
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Rename a finished temp file into place with the permissions of a normally created file
+    (mkstemp makes it 0600, which would hide a shared cache from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        _publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _open_cache(npy: str, meta_path: str, meta: dict):
+    """The memmap if the sidecar matches ``meta`` and the array has the right shape, else None."""
+    try:
+        with open(meta_path) as f:
+            if json.load(f) != meta:
+                return None
+        arr = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    ok = arr.dtype == np.uint8 and arr.shape == (meta["count"], meta["size"], meta["size"], 3)
+    return arr if ok else None
+
+
+def _decode_into(npy: str, paths: list[str], size: int, desc: str, progress: bool) -> None:
+    """Decode ``paths`` row by row into a temp .npy memmap (never the whole split in RAM), then
+    rename it into place, so a crash leaves either the old cache or none."""
+    from tqdm import tqdm
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npy)), prefix=".tmp-",
+                               suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(paths), size, size, 3))
+        for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress,
+                                   mininterval=1.0, dynamic_ncols=True)):
+            out[i] = decode_image(p, size)
+        out.flush()
+        del out
+        _publish(tmp, npy)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_split(data_dir: str, split: str, size: int, files: list[str], rows: np.ndarray,
+               cache_dir: str | None = None, progress: bool = True) -> np.memmap:
+    """uint8 memmap [len(rows), S, S, 3] of the split's images, decoding them once if needed."""
+    split_files = [files[r] for r in rows]
+    meta = {"preprocess": PREPROCESS, "size": size, "split": split, "count": len(split_files),
+            "first": split_files[0] if split_files else None,
+            "last": split_files[-1] if split_files else None,
+            "source": source_fingerprint(data_dir, split_files)}
+    npy, meta_path = cache_paths(data_dir, split, size, cache_dir)
+    arr = _open_cache(npy, meta_path, meta)
+    if arr is not None:
+        return arr
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
+        img_dir = _image_dir(data_dir)
+        _decode_into(npy, [os.path.join(img_dir, f) for f in split_files], size,
+                     f"decoding CelebA {split} at {size}px (once)", progress)
+        # The sidecar goes last: it is what marks the cache as complete for this source.
+        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        raise UserError(f"cannot write the decoded cache {npy} ({e.strerror or e}); free disk "
+                        "space or pass a writable cache_dir (--cache-dir)") from None
+    return np.load(npy, mmap_mode="r")
+
+
+# ----- the dataset ------------------------------------------------------------------------------
+
+class RowView:
+    """Rows ``index`` of a memmap, read on access: a fancy index would copy GBs into RAM."""
+
+    def __init__(self, base: np.ndarray, index: np.ndarray):
+        self.base, self.index = base, index
+        self.shape = (len(index),) + tuple(base.shape[1:])
+        self.dtype = base.dtype
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        return self.base[self.index[k]]
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.asarray(self.base[self.index])
+        return a if dtype is None else a.astype(dtype)
+
+
+def _attribute_list(attribute) -> tuple[list[str], bool]:
+    """(names, single): a name, a comma-separated string, or a list of names."""
+    if isinstance(attribute, str):
+        names = [a.strip() for a in attribute.split(",") if a.strip()]
+        return names, len(names) == 1
+    return list(attribute), False
+
+
+class CelebAData:
+    """CelebA images of one split (optionally an index list of the train split), drawn in
+    random batches like ``toy_circles.CirclesData``.
+
+    ``labels``: int64 0/1 of ``attribute`` for the selected images ([N], or [N, k] for a list of
+    k attributes); ``images``: uint8 [N, S, S, 3] rows of the decoded cache (a memmap, or a
+    ``RowView`` of it when an index list selects rows); ``files``: their file names."""
+
+    def __init__(self, data_dir: str, size: int, attribute, split: str = "train",
+                 index_list: str | None = None, flip: bool = True, cache_dir: str | None = None,
+                 progress: bool = True):
+        names, files, attrs, rows = split_rows(data_dir, split)
+        wanted, single = _attribute_list(attribute)
+        if not wanted:
+            raise UserError(f"no CelebA attribute given; choose from {', '.join(names)}")
+        cols = [attribute_index(names, a) for a in wanted]
+        if index_list is not None and split != "train":
+            raise UserError(f"index lists index the train split, but split={split!r}; use "
+                            "split='train' with an index list")
+        if not len(rows):
+            raise UserError(f"the {split} split of {data_dir!r} is empty; check {PARTITION_FILE}")
+        # Check the index list before decoding: a bad line should not cost minutes of decoding.
+        self.index = (np.arange(len(rows)) if index_list is None
+                      else read_index_list(index_list, len(rows)))
+        cache = load_split(data_dir, split, size, files, rows, cache_dir, progress)
+        self.images = cache if index_list is None else RowView(cache, self.index)
+        sel = rows[self.index]
+        labels = attrs[sel][:, cols].astype(np.int64)
+        self.labels = labels[:, 0] if single else labels
+        self.attribute_names = wanted
+        self.files = [files[r] for r in sel]
+        self.size, self.split, self.flip = size, split, flip
+
+    def __len__(self):
+        return len(self.index)
+
+    def batch(self, n: int, generator: torch.Generator):
+        """(x float [-1, 1] [n, 3, S, S], y int64 [n] or [n, k]) drawn with replacement."""
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        rows = np.asarray(self.images[idx.numpy()])
+        x = from_uint8(rows)
+        y = torch.from_numpy(self.labels[idx.numpy()])
+        if self.flip:
+            # A mirrored face keeps its smile, hair colour and age: the label is unchanged
+            # (unlike the circles, where a flip moves the disc to the other class).
+            f = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+
+# ----- CLI: build the cache ahead of training and print the attribute balance -------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Decode a CelebA split once into its .npy cache and "
+                                "print the attribute balance.")
+    p.add_argument("--data-dir", required=True, help="folder with img_align_celeba/ and the lists")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--split", default="train", choices=list(SPLITS))
+    p.add_argument("--attribute", default="Smiling", help="a name or a comma-separated list")
+    p.add_argument("--index-list", default=None)
+    p.add_argument("--cache-dir", default=None)
+    a = p.parse_args(argv)
+    d = CelebAData(a.data_dir, a.size, a.attribute, a.split, a.index_list, cache_dir=a.cache_dir)
+    npy, _ = cache_paths(a.data_dir, a.split, a.size, a.cache_dir)
+    pos = np.asarray(d.labels).reshape(len(d), -1).mean(0)
+    print(f"{a.split}: {len(d)} images at {a.size}px, cache {npy}")
+    for name, frac in zip(d.attribute_names, pos):
+        print(f"  {name}: {100 * frac:.1f}% positive")
+
+
+if __name__ == "__main__":
+    cli(main)
