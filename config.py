@@ -74,6 +74,23 @@ class TrainConfig:
     seed: int = 0
 
 
+@dataclass
+class SampleConfig:
+    """Sampling choices of sample.py and evaluate.py (not part of a run's stored config: the model
+    comes from the checkpoint). Both CLIs generate their shared flags from these fields."""
+    run: str = "runs/circles"      # run directory holding ddpm.pt (and the classifiers)
+    n: int = 64                    # samples (evaluate.py: per method, default 512)
+    batch_size: int = 256
+    seed: int = 0
+    steps: int = 0                 # respaced sampling steps; 0 = the run's diffusion.sample_steps
+    device: str | None = None      # cuda, mps or cpu; None = the best available (pick_device)
+    guidance: str = "none"         # none | single (§2.2) | multi (§4.2, Eq. 2)
+    lambdas: str | None = None     # multi-guidance lambda per class, e.g. "30,30" (default: --scale)
+    scale: float = 30.0            # lambda of single guidance, and of every class if no --lambdas
+    target: int = -1               # class of single guidance; -1 = alternate classes over the batch
+    classifier: str = "classifier"  # classifier | classifier_sn (the spectral-norm twin)
+
+
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
           "classifier": ClassifierConfig, "train": TrainConfig}
 
@@ -137,14 +154,17 @@ def _parse_tuple(s: str) -> tuple:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_defaults=None,
-                       title: str | None = None) -> None:
+                       title: str | None = None, only=None) -> None:
     """One ``--flag`` per field of dataclass ``cls`` (``model_channels`` -> ``--model-channels``).
 
     Defaults are None so that only the flags a user typed override a preset or a stored config
-    (see ``overrides_from_args``); ``help_defaults`` (an instance) is what ``--help`` shows."""
+    (see ``overrides_from_args``); ``help_defaults`` (an instance) is what ``--help`` shows;
+    ``only`` restricts the flags to those field names."""
     shown = help_defaults if help_defaults is not None else cls()
     grp = parser.add_argument_group(title or f"{cls.__name__}")
     for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if flag in parser._option_string_actions:  # e.g. --dataset, declared by the CLI itself
             continue

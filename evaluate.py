@@ -3,64 +3,114 @@
     python evaluate.py --run runs/circles            # samples 512 per method, writes metrics + PNGs
 
 Methods: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = [30, 30], plain classifier),
-``multi_sn`` (same with the spectral-norm classifier). For each, 512 samples are drawn (or read
-back from ``<run>/eval_<method>.npz`` if present with the same settings) and measured with:
+``multi_sn`` (same with the spectral-norm classifier). By default every method whose checkpoints
+exist is evaluated (the others are skipped with a one-line note); methods named with --methods
+must exist. For each, 512 samples are drawn (or read back from ``<run>/eval_<method>.npz`` if
+present with the same settings) and measured with:
 
-Circle detector (the authors' code has none; ours): threshold the uint8 image at mid-grey (>= 128),
-label 8-connected components with OpenCV, and take each component's centroid as a disc centre,
-z = x_centroid / (S - 1). A sample "has one disc" if exactly one component is found;
-accuracy = fraction of *all* samples with exactly one disc whose z is in [0.2, 0.8] (faded or
-doubled samples count as failures).
+Circle detector (the authors' code, "edge detection with OpenCV" in §5.5, is not published; ours):
+  * threshold the uint8 image at mid-grey (>= 128) and label 8-connected components (OpenCV);
+  * the expected disc is what ``toy_circles.render_disc`` draws at that image size: radius
+    r = ``radius_for(S)``, A lit pixels (21 at 64 px, r = 2; 5 at 32 px, r = 1);
+  * a component is a DISC if 0.5 A <= area <= 2 A and its bounding box is at most (2r+1)+2 px
+    wide and high; a SPECK if it fits that box but area < 0.5 A (ignored when counting, reported
+    as the rate ``speck``); anything larger or elongated is a BLOB (a grey/white background, a
+    stripe, a large blob) - without this rule a uniform grey image would be "one disc at z = 0.5";
+  * each image falls in exactly one category: ``blob`` (any blob component), else ``zero_disc``,
+    ``one_disc`` or ``two_plus_disc`` by its number of discs (the four sum to 1);
+  * z = x_centroid / (S - 1) of the disc of each one-disc image.
+accuracy = fraction of *all* samples that are one_disc with z in [0.2, 0.8] (§5.5); zero_or_two =
+zero_disc + two_plus_disc, every non-blob failure (the paper's "zero or two circles").
 
-Histogram metrics vs uniform (App. B), on 100 bins over [0, 1]:
+Histogram metrics vs uniform (App. B), on 100 bins over [0, 1], of the z of the one-disc samples
+only (``hist_n`` of them; NaN when there are none):
   "MSE" = sqrt(sum_i (h_i - 1/n)^2)  (the paper's name; it is an L2 distance),
   KLD   = KL(h || U) = sum_i h_i log(h_i n), empty bins contributing 0.
+
+metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
+middle_of_detected, hist_n, hist_mse, hist_kld, column_counts {centre column: samples},
+sample_seconds}}, fractions in [0, 1].
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections import Counter
 
 import cv2
 import numpy as np
 import torch
 
-from checkpoint import UserError
+import config as C
+from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
+from toy_circles import radius_for, render_disc
 
 # ----------------------------------------------------------------------------------------------
 # Detector
 # ----------------------------------------------------------------------------------------------
 
+THRESHOLD = 128  # mid-grey: training pixels are exactly 0 or 255
 
-def detect_discs(img: np.ndarray, threshold: int = 128) -> np.ndarray:
-    """Centres (x, y) of the bright blobs of one uint8 image (H, W) or (H, W, 1); shape [k, 2]."""
+
+@functools.lru_cache(maxsize=None)
+def expected_disc(size: int) -> tuple[int, int]:
+    """(radius, lit pixels) of the disc ``toy_circles.render_disc`` draws at this image size."""
+    return radius_for(size), int((render_disc(size // 2, size // 2, size) >= THRESHOLD).sum())
+
+
+def components(img: np.ndarray, threshold: int = THRESHOLD):
+    """Classify the bright components of one uint8 image (H, W) or (H, W, C).
+
+    Returns (disc centres (x, y) as a [k, 2] array, number of specks, number of blobs); the rule
+    is in the module docstring."""
     img = np.asarray(img)
     if img.ndim == 3:
         img = img.mean(-1).astype(np.uint8)
+    r, area = expected_disc(img.shape[1])
+    box = (2 * r + 1) + 2  # the disc's extent plus one pixel of slack on each side
     mask = (img >= threshold).astype(np.uint8)
-    n, _, _, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    return centroids[1:]  # label 0 is the background
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    discs, specks, blobs = [], 0, 0
+    for (_, _, w, h, a), c in zip(stats[1:], centroids[1:]):  # label 0 is the background
+        if w > box or h > box or a > 2 * area:
+            blobs += 1
+        elif a < 0.5 * area:
+            specks += 1
+        else:
+            discs.append(c)
+    return np.asarray(discs, dtype=np.float64).reshape(-1, 2), specks, blobs
+
+
+def detect_discs(img: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:
+    """Centres (x, y) of the disc components of one image, shape [k, 2] (specks and blobs dropped)."""
+    return components(img, threshold)[0]
 
 
 def circle_stats(images: np.ndarray, lo: float = 0.2, hi: float = 0.8) -> dict:
-    """Detector statistics over a batch of uint8 images [N, H, W(, C)]."""
+    """Detector statistics over a batch of uint8 images [N, H, W(, C)].
+
+    ``z`` and ``columns`` (rounded centre x) list the one-disc samples, in order."""
     size = images.shape[2]
-    counts, zs = [], []
+    discs, has_speck, zs = [], [], []
     for im in images:
-        c = detect_discs(im)
-        counts.append(len(c))
-        if len(c) == 1:
+        c, specks, blobs = components(im)
+        discs.append(-1 if blobs else len(c))  # -1: blob, which overrides any disc count
+        has_speck.append(specks > 0)
+        if len(c) == 1 and not blobs:
             zs.append(c[0, 0] / (size - 1))
-    counts, zs = np.array(counts), np.array(zs)
+    discs, zs = np.array(discs), np.array(zs, dtype=np.float64)
     n = len(images)
-    middle = ((zs >= lo) & (zs <= hi)).sum() if len(zs) else 0
-    return {"n": n, "one_disc": float((counts == 1).mean()), "zero_disc": float((counts == 0).mean()),
-            "two_plus_disc": float((counts >= 2).mean()),
-            "zero_or_two": float(((counts == 0) | (counts == 2)).mean()),
-            "accuracy": float(middle / n),              # one disc AND z in [lo, hi]
-            "middle_of_detected": float(middle / max(1, len(zs))), "z": zs}
+    middle = int(((zs >= lo) & (zs <= hi)).sum())
+    return {"n": n, "one_disc": float((discs == 1).mean()), "blob": float((discs == -1).mean()),
+            "zero_disc": float((discs == 0).mean()), "two_plus_disc": float((discs >= 2).mean()),
+            "zero_or_two": float(((discs == 0) | (discs >= 2)).mean()),
+            "speck": float(np.mean(has_speck)),              # images with >= 1 speck (any category)
+            "accuracy": float(middle / n),                   # one disc AND z in [lo, hi]
+            "middle_of_detected": float(middle / max(1, len(zs))), "hist_n": len(zs), "z": zs,
+            "columns": np.rint(zs * (size - 1)).astype(int).tolist()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,8 +153,7 @@ PAPER = {"multi": {"accuracy": (0.78, 0.087), "zero_or_two": (0.0425, 0.0245)},
 
 def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, models, resample=False):
     """uint8 samples of one method, read from the cache if it was made with the same settings."""
-    from checkpoint import ckpt_path
-    from sample import generate, to_uint8
+    from sample import generate
     guidance, clf = METHODS[method]
     stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
         ([os.path.getmtime(ckpt_path(run, clf))] if clf else [])
@@ -125,10 +174,20 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
 
 
 def summarize(images) -> dict:
+    """circle_stats plus the histogram metrics of the one-disc z (NaN if there is none: an empty
+    histogram would otherwise score a perfect-looking KLD of 0)."""
     s = circle_stats(images)
     h = histogram(s["z"])
-    s.update(hist_mse=hist_mse(h), hist_kld=hist_kld(h))
+    empty = s["hist_n"] == 0
+    s.update(hist_mse=float("nan") if empty else hist_mse(h), hist_kld=float("nan") if empty else hist_kld(h))
     return s
+
+
+def metrics_of(stats: dict) -> dict:
+    """The JSON-able metrics of one method's stats: per-sample lists become a {column: count} dict."""
+    m = {k: v for k, v in stats.items() if k not in ("z", "columns")}
+    m["column_counts"] = {str(c): k for c, k in sorted(Counter(stats["columns"]).items())}
+    return m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +205,8 @@ def plot_histograms(stats: dict, path: str, delta: float = 0.2) -> None:
     for name, s in stats.items():
         if len(s["z"]):
             ax.hist(s["z"], bins=bins, histtype="step", lw=1.5,
-                    label=f"{name} (acc {s['accuracy']:.0%}, MSE {s['hist_mse']:.2f}, KLD {s['hist_kld']:.2f})")
+                    label=f"{name} (n = {s['hist_n']} one-disc samples, acc {s['accuracy']:.0%}, "
+                          f"MSE {s['hist_mse']:.2f}, KLD {s['hist_kld']:.2f})")
     for lo, hi in ((0, delta), (1 - delta, 1)):
         ax.axvspan(lo, hi, color="green", alpha=0.08)
     ax.set_yscale("log")
@@ -165,7 +225,6 @@ def classifier_heatmap(clf, size: int, t: int = 0, diffusion=None, draws: int = 
 
     At t = 0 the clean image is classified; at t > 0 the probability is averaged over ``draws``
     noisy versions q(x_t | x_0) - the inputs guidance actually differentiates."""
-    from toy_circles import radius_for, render_disc
     r = radius_for(size)
     gen = torch.Generator().manual_seed(seed)
     heat = np.full((size, size), np.nan)
@@ -173,7 +232,7 @@ def classifier_heatmap(clf, size: int, t: int = 0, diffusion=None, draws: int = 
     for i in range(0, len(coords), 256):
         chunk = coords[i:i + 256]
         imgs = np.stack([render_disc(x, y, size) for x, y in chunk])
-        x0 = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None].repeat(1, clf.channels, 1, 1)
+        x0 = from_uint8(imgs, clf.channels)
         tt = torch.full((len(chunk),), t, dtype=torch.long)
         p = 0
         for _ in range(draws if t > 0 else 1):
@@ -210,42 +269,75 @@ def plot_heatmaps(heats: dict, path: str, delta: float = 0.2) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+TABLE = ["one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two", "accuracy", "hist_mse",
+         "hist_kld", "hist_n"]
+
+
+def _cell(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return f"{'-':>14}"  # missing (older metrics.json) or undefined (empty histogram)
+    if key == "hist_n":
+        return f"{value:>14d}"
+    if key in ("hist_mse", "hist_kld"):
+        return f"{value:>14.3f}"
+    return f"{value:>14.1%}"
+
+
 def format_table(metrics: dict) -> str:
-    cols = ["one_disc", "zero_disc", "two_plus_disc", "zero_or_two", "accuracy", "hist_mse", "hist_kld"]
-    lines = [f"{'method':<10}" + "".join(f"{c:>14}" for c in cols) + "   paper (§5.5)"]
+    """One row per method; hist_n = one-disc samples behind hist_mse / hist_kld."""
+    lines = [f"{'method':<10}" + "".join(f"{c:>14}" for c in TABLE) + "   paper (§5.5)"]
     for name, m in metrics.items():
         paper = "; ".join(f"{k} {v[0]:.1%} ± {v[1]:.1%}" for k, v in PAPER.get(name, {}).items())
-        lines.append(f"{name:<10}" + "".join(
-            f"{m[c]:>14.1%}" if c not in ("hist_mse", "hist_kld") else f"{m[c]:>14.3f}" for c in cols)
-            + "   " + (paper or "-"))
+        lines.append(f"{name:<10}" + "".join(_cell(c, m.get(c)) for c in TABLE) + "   " + (paper or "-"))
     return "\n".join(lines)
 
 
-def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None,
-                 methods=("uncond", "multi", "multi_sn"), device=None, resample=False, figures=True,
-                 write_metrics=True, log=print) -> dict:
-    """Sample (or read back) every method, measure it, and write metrics.json and the figures."""
-    from checkpoint import pick_device
-    from sample import load_classifier, load_ddpm, save_grid
-    device = device or pick_device()
-    models = load_ddpm(run, device)
-    cfg = models[1]
-    if cfg["data"].dataset != "circles":
-        raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
-    delta = cfg["data"].delta
-    stats, metrics = {}, {}
+def select_methods(run: str, methods=None, log=print) -> list:
+    """The methods to evaluate. Named ones must have their classifier (else a one-line error);
+    by default (None) every method whose checkpoints exist, with one line naming the skipped ones."""
+    requested = methods is not None
+    methods = list(METHODS) if methods is None else list(methods)
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise UserError(f"no method to evaluate; choose from {', '.join(METHODS)}")
+    missing = [m for m in methods if METHODS[m][1] and not os.path.exists(ckpt_path(run, METHODS[m][1]))]
+    if not missing:
+        return methods
+    files = ", ".join(sorted({os.path.basename(ckpt_path(run, METHODS[m][1])) for m in missing}))
+    fix = f"python train.py --out {run} --model classifier"
+    if requested:
+        many = len(missing) > 1
+        raise UserError(f"method{'s' if many else ''} {', '.join(missing)} need{'' if many else 's'} {files} "
+                        f"in {run}, which {'do' if many else 'does'} not exist; train with {fix}")
+    log(f"skipped {', '.join(missing)}: no {files} in {run}; train with {fix}")
+    return [m for m in methods if m not in missing]
+
+
+def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None, methods=None,
+                 device=None, resample=False, figures=True, write_metrics=True, log=print) -> dict:
+    """Sample (or read back) every method, measure it, and write metrics.json and the figures.
+
+    ``methods`` None: every method whose checkpoints exist (see ``select_methods``)."""
+    from checkpoint import pick_device
+    from sample import load_classifier, load_ddpm, save_grid
+    device = device or pick_device()
+    models = load_ddpm(run, device)  # first: a missing DDPM is the error to report
+    cfg = models[1]
+    if cfg["data"].dataset != "circles":
+        raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
+    methods = select_methods(run, methods, log)
+    delta = cfg["data"].delta
+    stats, metrics = {}, {}
+    for m in methods:
         images, seconds, cached = method_samples(run, m, n, batch_size, seed, lambdas, steps, device,
                                                  models, resample)
         log(f"{m}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
         stats[m] = summarize(images)
-        metrics[m] = {k: v for k, v in stats[m].items() if k != "z"}
-        metrics[m]["sample_seconds"] = seconds
+        metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds)
         if figures:
-            x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            save_grid(x, os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
+            save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
     if figures:
         plot_histograms(stats, os.path.join(run, "hist_z.png"), delta)
         from diffusion import GaussianDiffusion
@@ -265,28 +357,41 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None
     return metrics
 
 
-def main(argv=None):
+EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas")  # of config.SampleConfig
+EVAL_DEFAULTS = C.SampleConfig(n=512, lambdas="30,30")  # 512 samples per method, lambda = [30, 30] (§5.5)
+
+
+def build_parser():
+    from sample import add_sample_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/circles")
-    p.add_argument("--n", type=int, default=512, help="samples per method")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lambdas", default="30,30", help="multi-guidance lambdas (one per class)")
-    p.add_argument("--steps", type=int, default=None, help="respaced sampling steps (default: config)")
-    p.add_argument("--methods", default="uncond,multi,multi_sn")
-    p.add_argument("--device", default=None)
+    add_sample_args(p, only=EVAL_FLAGS, defaults=EVAL_DEFAULTS,
+                    title="sampling (config.SampleConfig; --n per method, --lambdas of multi / multi_sn)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: those whose checkpoints exist)")
     p.add_argument("--resample", action="store_true", help="ignore cached eval_*.npz samples")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
     from checkpoint import pick_device
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    from sample import sample_config
+    a = build_parser().parse_args(argv)
+    s, typed = sample_config(a, EVAL_DEFAULTS)
+    methods = None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
+    if "lambdas" in typed and methods is not None and set(methods) <= set(METHODS) \
+            and all(METHODS[m][0] == "none" for m in methods):  # typed but would be ignored
+        raise UserError("--lambdas only applies to the guided methods (multi, multi_sn)")
+    if s.n < 1 or s.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    device = pick_device(s.device)  # also sets the CPU threads
     t0 = time.time()
-    metrics = evaluate_run(a.run, a.n, a.batch_size, a.seed, a.lambdas, a.steps,
-                           [m.strip() for m in a.methods.split(",") if m.strip()], device, a.resample)
+    metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas, s.steps or None, methods, device,
+                           a.resample)
     print(format_table(metrics))
-    print(f"evaluated in {time.time() - t0:.0f} s; wrote {os.path.join(a.run, 'metrics.json')}, "
-          f"grid_*.png, hist_z.png, heatmap_classifiers.png in {a.run}")
+    heat = any(os.path.exists(ckpt_path(s.run, c)) for c in ("classifier", "classifier_sn"))
+    files = ["metrics.json"] + [f"grid_{m}.png" for m in metrics] + ["hist_z.png"] + \
+        (["heatmap_classifiers.png"] if heat else [])
+    print(f"evaluated in {time.time() - t0:.0f} s; wrote {', '.join(files)} in {s.run}")
 
 
 if __name__ == "__main__":

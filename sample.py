@@ -5,12 +5,19 @@
     python sample.py --run runs/circles --guidance multi --classifier classifier_sn
     python sample.py --run runs/circles --guidance single --scale 30 --target 1
 
-The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags.
-Writes ``<run>/samples_<tag>.npz`` (uint8 images [N, H, W, C] + the settings) and a PNG grid.
+The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
+declared once in config.SampleConfig (evaluate.py shares them). --steps 0 means the run's
+sample_steps; --target -1 alternates the classes over the batch. --lambdas, --scale, --target and
+--classifier only apply to guided sampling: with --guidance none they are an error, not ignored.
+
+Writes ``<out>/samples_<tag>.npz`` (uint8 images [N, H, W, C] + the settings) and a PNG grid;
+--out defaults to the run directory, --tag to the guidance mode. Existing samples are never
+replaced unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -19,7 +26,8 @@ import torch
 from PIL import Image
 
 import config as C
-from checkpoint import UserError, cli, load_checkpoint, pick_device
+# to_uint8 is the file boundary of checkpoint.py; kept importable as `from sample import to_uint8`.
+from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pick_device, to_uint8
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from guidance import multi_guidance, parse_lambdas, single_guidance
@@ -55,11 +63,13 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
     return model.to(device).eval().requires_grad_(False)
 
 
-def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None,
-             steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
-             scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
-             progress: bool = False, models=None) -> torch.Tensor:
-    """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
+def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
+            lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
+            classifier: str = "classifier", models=None):
+    """Load the networks and check every sampling choice (one-line errors) before any sampling.
+
+    Returns ``draw(n, batch_size=256, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
+    float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM."""
     if guidance not in ("none", "single", "multi"):
         raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
     device = device or pick_device()
@@ -68,7 +78,7 @@ def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None
     steps = steps or dcfg.sample_steps
     if not 2 <= steps <= dcfg.timesteps:
         raise UserError(f"--steps {steps} is outside 2..{dcfg.timesteps} (the model's T)")
-    diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps)
+    diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps).to(device)
     clf = load_classifier(run, classifier, device, cfg) if guidance != "none" else None
     g = None
     if guidance == "multi":
@@ -76,23 +86,32 @@ def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None
         g = multi_guidance([clf], [lam])
     if guidance == "single" and target is not None and not 0 <= target < clf.num_classes:
         raise UserError(f"--target {target} is not a class of the classifier (0..{clf.num_classes - 1})")
-    gen = torch.Generator(device=device).manual_seed(seed)
     shape = (cfg["data"].channels, cfg["data"].image_size, cfg["data"].image_size)
-    out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        if guidance == "single":
-            # Default target: alternate classes so a grid shows both.
-            y = torch.full((b,), target) if target is not None else torch.arange(start, start + b) % clf.num_classes
-            g = single_guidance(clf, y.to(device), scale)
-        out.append(diffusion.sample(model, (b, *shape), dcfg.clip_denoised, g, gen, device,
-                                    progress=progress).cpu())
-    return torch.cat(out)
+
+    def draw(n: int, batch_size: int = 256, seed: int = 0, progress: bool = False) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out, guide = [], g
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            if guidance == "single":
+                # Default target: alternate classes so a grid shows both.
+                y = (torch.full((b,), target) if target is not None
+                     else torch.arange(start, start + b) % clf.num_classes)
+                guide = single_guidance(clf, y.to(device), scale)
+            out.append(diffusion.sample(model, (b, *shape), dcfg.clip_denoised, guide, gen, device,
+                                        progress=progress).cpu())
+        return torch.cat(out)
+
+    return draw
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC (the file boundary)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None,
+             steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
+             scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
+             progress: bool = False, models=None) -> torch.Tensor:
+    """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
+    return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models)(
+        n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
@@ -117,43 +136,86 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool =
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
+GUIDED_FLAGS = ("lambdas", "scale", "target", "classifier")
+
+
+def add_sample_args(parser: argparse.ArgumentParser, only=None, defaults: C.SampleConfig | None = None,
+                    title: str = "sampling (config.SampleConfig)") -> None:
+    """Declare the flags of ``config.SampleConfig`` (every field, or those named in ``only``).
+
+    sample.py and evaluate.py both call this, so each shared flag is written once, in config.py.
+    ``defaults`` (a SampleConfig) is what --help shows; the flags themselves default to None so
+    that ``sample_config`` can tell a typed flag from a default."""
+    C.add_dataclass_args(parser, C.SampleConfig, help_defaults=defaults, title=title, only=only)
+
+
+def sample_config(args: argparse.Namespace, defaults: C.SampleConfig | None = None):
+    """(SampleConfig with the typed flags applied over ``defaults``, {typed field: value})."""
+    typed = C.overrides_from_args(args, [C.SampleConfig])
+    base = dataclasses.asdict(defaults or C.SampleConfig())
+    return C.SampleConfig(**{**base, **typed}), typed
+
+
+def check_guidance_flags(guidance: str, typed) -> None:
+    """A flag the chosen guidance would ignore is an error, not silently dropped."""
+    if guidance not in ("none", "single", "multi"):
+        raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
+    flags = lambda names: " ".join("--" + k.replace("_", "-") for k in names)  # noqa: E731
+    if guidance == "none":
+        given = [k for k in GUIDED_FLAGS if k in typed]
+        if given:
+            many = len(given) > 1
+            raise UserError(f"{flags(given)} only appl{'y' if many else 'ies'} to guided sampling; add "
+                            f"--guidance multi (or single), or drop {'them' if many else 'it'}")
+    elif guidance == "single" and "lambdas" in typed:
+        raise UserError("--lambdas is for --guidance multi; single guidance uses --scale and --target")
+    elif guidance == "multi":
+        if "target" in typed:
+            raise UserError("--target is for --guidance single; multi-guidance pushes towards every "
+                            "class (weights: --lambdas)")
+        if "lambdas" in typed and "scale" in typed:
+            raise UserError("give --lambdas (one per class) or --scale (the same for every class), not both")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/circles", help="run directory holding ddpm.pt")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=None, help="respaced sampling steps (default: config)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--guidance", default="none", choices=["none", "single", "multi"])
-    p.add_argument("--scale", type=float, default=30.0, help="lambda for every class / single target")
-    p.add_argument("--lambdas", default=None, help="per-class lambdas for multi, e.g. 30,30")
-    p.add_argument("--target", type=int, default=None, help="class for single guidance (default: alternate)")
-    p.add_argument("--classifier", default="classifier", help="classifier or classifier_sn")
-    p.add_argument("--tag", default=None, help="output name suffix (default: the guidance mode)")
+    add_sample_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    out.add_argument("--tag", default=None, help="output name suffix (default: the guidance mode)")
+    out.add_argument("--overwrite", action="store_true", help="replace samples_<tag>.npz/.png if they exist")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    if a.n < 1 or a.batch_size < 1:
+    s, typed = sample_config(a)
+    check_guidance_flags(s.guidance, typed)  # before anything slow
+    if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    models = load_ddpm(a.run, device)
+    device = pick_device(s.device)
+    models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
+    draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
+                   None if s.target == -1 else s.target, s.classifier, models)
+    out = a.out or s.run
+    tag = a.tag or (s.guidance if s.guidance == "none" else f"{s.guidance}_{s.classifier}")
+    npz = os.path.join(out, f"samples_{tag}.npz")
+    png = os.path.join(out, f"samples_{tag}.png")
+    existing = [f for f in (npz, png) if os.path.exists(f)]
+    if existing and not a.overwrite:  # earlier samples are results: never replace them silently
+        raise UserError(f"{existing[0]} already exists; pass --tag NAME to write beside it "
+                        f"or --overwrite to replace it")
+    ensure_writable_dir(out)
     t0 = time.time()
-    x = generate(a.run, a.n, a.batch_size, a.seed, device, a.steps, a.guidance, a.lambdas,
-                 a.scale, a.target, a.classifier, progress=True, models=models)
+    x = draw(s.n, s.batch_size, s.seed, progress=True)
     dt = time.time() - t0
-    tag = a.tag or (a.guidance if a.guidance == "none" else f"{a.guidance}_{a.classifier}")
-    npz = os.path.join(a.run, f"samples_{tag}.npz")
-    png = os.path.join(a.run, f"samples_{tag}.png")
-    np.savez_compressed(npz, images=to_uint8(x), guidance=a.guidance, seed=a.seed,
-                        lambdas=a.lambdas or "", scale=a.scale, classifier=a.classifier)
+    guided = s.guidance != "none"
+    np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
+                        lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
+                        classifier=s.classifier if guided else "")
     data_cfg = models[1]["data"]
     save_grid(x[:64], png, marks=data_cfg.dataset == "circles", delta=data_cfg.delta)
-    print(f"{a.n} samples in {dt:.1f} s ({dt / a.n:.3f} s/image) -> {npz}, {png}")
+    print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
 
 
 if __name__ == "__main__":

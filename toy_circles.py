@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from checkpoint import from_uint8
+
 
 def radius_for(size: int) -> int:
     """Radius 2 at 64 px (the authors'), scaled with the image size, at least 1 px."""
@@ -73,8 +75,7 @@ class CirclesData:
     def __init__(self, size: int = 64, delta: float = 0.2, flip: bool = True, channels: int = 1,
                  full_range: bool = False):
         images, labels, z = make_circles(size, delta, full_range=full_range)
-        x = torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None]
-        self.x = x.repeat(1, channels, 1, 1)
+        self.x = from_uint8(images, channels)
         self.y = torch.from_numpy(labels)
         self.z = torch.from_numpy(z)
         self.flip = flip

@@ -117,9 +117,47 @@ def test_sample_cli_writes_npz(tiny_run):
     p = run_cli("sample.py", "--run", tiny_run, "--n", "6", "--guidance", "multi", "--lambdas", "30,30",
                 "--device", "cpu")
     assert p.returncode == 0, p.stderr
-    z = np.load(os.path.join(tiny_run, "samples_multi_classifier.npz"))
+    npz = os.path.join(tiny_run, "samples_multi_classifier.npz")  # default --out: the run directory
+    z = np.load(npz)
     assert z["images"].shape == (6, 16, 16, 1) and z["images"].dtype == np.uint8
+    assert str(z["lambdas"]) == "30,30" and str(z["classifier"]) == "classifier"
     assert os.path.exists(os.path.join(tiny_run, "samples_multi_classifier.png"))
+    assert f"wrote {npz} and " in p.stdout  # says where
+
+
+def test_sample_cli_out_dir_and_no_silent_overwrite(tiny_run, tmp_path):
+    import sample
+    out = str(tmp_path / "elsewhere" / "samples")
+    base = ["--run", tiny_run, "--n", "2", "--device", "cpu", "--out", out]
+    sample.main(base)
+    npz = os.path.join(out, "samples_none.npz")
+    first = np.load(npz)["images"]
+    assert not os.path.exists(os.path.join(tiny_run, "samples_none.npz"))
+    p = run_cli("sample.py", *base, "--seed", "1")
+    assert p.returncode == 2
+    assert_one_line_error(p, npz, "--tag NAME", "--overwrite")
+    assert (np.load(npz)["images"] == first).all()  # untouched
+    sample.main(base + ["--seed", "1", "--tag", "seed1"])
+    assert os.path.exists(os.path.join(out, "samples_seed1.npz")) and os.path.exists(npz)
+    sample.main(base + ["--seed", "1", "--overwrite"])
+    assert (np.load(npz)["images"] == np.load(os.path.join(out, "samples_seed1.npz"))["images"]).all()
+
+
+def test_sample_cli_guidance_only_flags_are_not_ignored(tiny_run):
+    import sample
+    assert_one_line_error(run_cli("sample.py", "--run", tiny_run, "--lambdas", "30,30", "--n", "2"),
+                          "--lambdas only applies to guided sampling", "--guidance multi")
+    for flags, words in [(["--scale", "10"], "--scale only applies to guided"),
+                         (["--target", "1"], "--target only applies to guided"),
+                         (["--classifier", "classifier_sn", "--scale", "5"],
+                          "--scale --classifier only apply to"),
+                         (["--guidance", "none", "--scale", "30"], "--scale only applies"),  # typed = meant
+                         (["--guidance", "single", "--lambdas", "1,2"], "--lambdas is for --guidance multi"),
+                         (["--guidance", "multi", "--target", "1"], "--target is for --guidance single"),
+                         (["--guidance", "multi", "--lambdas", "1,2", "--scale", "3"], "not both"),
+                         (["--guidance", "mutli"], "unknown --guidance")]:
+        with pytest.raises(UserError, match=words):
+            sample.main(["--run", tiny_run, "--n", "2", "--device", "cpu"] + flags)
 
 
 def test_sample_cli_wrong_lambda_length(tiny_run):
@@ -133,11 +171,13 @@ def test_sample_cli_missing_checkpoint(tmp_path):
 
 
 def test_sample_cli_classifier_for_other_image_size(tiny_run, tmp_path):
-    run = str(tmp_path / "mixed")
+    run, other = str(tmp_path / "mixed"), str(tmp_path / "other")
     os.makedirs(run)
     shutil.copy(os.path.join(tiny_run, "ddpm.pt"), run)
-    train.main(["--model", "classifier", "--out", run, "--clf-steps", "2", "--device", "cpu"]
+    # train.py refuses to mix image sizes in one run, so the foreign classifier is made elsewhere.
+    train.main(["--model", "classifier", "--out", other, "--clf-steps", "2", "--device", "cpu"]
                + TINY + ["--image-size", "32"])
+    shutil.copy(os.path.join(other, "classifier.pt"), run)
     assert_one_line_error(run_cli("sample.py", "--run", run, "--guidance", "multi", "--n", "2"),
                           "32x32", "16x16")
 
