@@ -20,8 +20,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
-
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,12 +54,10 @@ def link_pair(root, s, c):
     return pair
 
 
-def leak_columns(run, size, delta=0.2):
-    """Centre columns of the unconditional one-disc samples that lie in z in [0.2, 0.8]."""
-    images = np.load(os.path.join(run, "eval_uncond.npz"))["images"]
-    z = evaluate.circle_stats(images)["z"]
-    cols = np.rint(z[(z >= delta) & (z <= 1 - delta)] * (size - 1)).astype(int)
-    return dict(sorted(Counter(cols.tolist()).items()))
+def leak_columns(metrics, size, delta=0.2):
+    """{centre column: samples} of the one-disc samples whose z lies in [delta, 1 - delta]."""
+    cols = {int(k): v for k, v in metrics["column_counts"].items()}
+    return {x: v for x, v in sorted(cols.items()) if delta <= x / (size - 1) <= 1 - delta}
 
 
 def band_edges(size, delta=0.2):
@@ -106,7 +102,7 @@ def main():
         rows["uncond"].append(m)
         sample_s += m["sample_seconds"]
         size = train.C.from_dict(train.load_checkpoint(run, "ddpm")["config"])["data"].image_size
-        cols = leak_columns(run, size)
+        cols = leak_columns(m, size)
         left_end, right_start = band_edges(size)
         edge = {x for x in range(size) if 0 < x - left_end <= 2 or 0 < right_start - x <= 2}
         per_ddpm[s] = {"uncond_middle": m["accuracy"], "leak_columns": cols,
