@@ -20,75 +20,80 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 
 
+def knob(default, help: str):
+    """A config field with its --help text: the flag, its default and its meaning in one place."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "circles"       # circles (celeba arrives with its own issue)
-    image_size: int = 32           # circles: 64 reproduces the authors' grid, 32 is the CPU mapping
-    channels: int = 1              # circles are grey-scale; 3 for RGB datasets
-    delta: float = 0.2             # width of each extreme band in z (§4.1)
-    flip: bool = True              # horizontal flip x -> S-1-x (symmetric for circles, used by the authors)
+    dataset: str = knob("circles", "the dataset (train.py --dataset)")
+    image_size: int = knob(32, "image side in pixels; circles: 64 is the authors' grid, 32 the CPU mapping")
+    channels: int = knob(1, "image channels: 1 for circles, 3 for RGB datasets")
+    delta: float = knob(0.2, "width of each extreme training band in z (§4.1)")
+    flip: bool = knob(True, "random horizontal flips x -> S-1-x (circles: the label flips with it)")
 
 
 @dataclass
 class UNetConfig:
-    model_channels: int = 16
-    channel_mult: tuple = (1, 2, 4)
-    num_res_blocks: int = 1
-    attention_resolutions: tuple = (8,)
-    num_head_channels: int = 32    # attention heads of this width
-    dropout: float = 0.0
+    model_channels: int = knob(16, "base width of the UNet")
+    channel_mult: tuple = knob((1, 2, 4), "width multiplier per resolution (one downsampling between each)")
+    num_res_blocks: int = knob(1, "residual blocks per resolution")
+    attention_resolutions: tuple = knob((8,), "resolutions (in px) with self-attention")
+    num_head_channels: int = knob(32, "channels per attention head")
+    dropout: float = knob(0.0, "dropout in the residual blocks")
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000
-    noise_schedule: str = "cosine"       # cosine (Eq. 10) | linear
-    variance: str = "fixed_large"        # fixed_large (beta_t) | fixed_small (beta~_t)
-    prediction: str = "v"                # eps (Eq. 7, the paper) | v (CPU preset, see diffusion.py)
-    sample_steps: int = 64               # respaced ancestral steps used at sampling time
-    clip_denoised: bool = True           # clip x^_0 to [-1, 1] before the posterior mean
+    timesteps: int = knob(1000, "T, diffusion steps of training")
+    noise_schedule: str = knob("cosine", "cosine (Eq. 10) | linear (Ho et al.)")
+    variance: str = knob("fixed_large", "reverse variance: fixed_large (beta_t) | fixed_small (beta~_t)")
+    prediction: str = knob("v", "network target: eps (Eq. 7, the paper) | v (cpu preset, see diffusion.py)")
+    sample_steps: int = knob(64, "respaced ancestral steps used at sampling time")
+    clip_denoised: bool = knob(True, "clip x^_0 to [-1, 1] before the posterior mean")
 
 
 @dataclass
 class ClassifierConfig:
-    clf_channels: int = 16
-    clf_channel_mult: tuple = (1, 2, 4)
-    clf_res_blocks: int = 1
-    clf_attention_resolutions: tuple = (8,)
-    clf_steps: int = 600
-    clf_lr: float = 3e-4
-    clf_batch_size: int = 64
-    sn_scale: float = 2.0          # Lipschitz bound of each layer of the spectral-norm twin (§5.5)
+    clf_channels: int = knob(16, "base width of the noise-aware classifier")
+    clf_channel_mult: tuple = knob((1, 2, 4), "classifier width multiplier per resolution")
+    clf_res_blocks: int = knob(1, "classifier residual blocks per resolution")
+    clf_attention_resolutions: tuple = knob((8,), "classifier resolutions (in px) with self-attention")
+    clf_steps: int = knob(600, "classifier training steps (warm-up + cosine lr decay)")
+    clf_lr: float = knob(3e-4, "classifier peak learning rate")
+    clf_batch_size: int = knob(64, "classifier batch size")
+    sn_scale: float = knob(2.0, "Lipschitz bound of each layer of the spectral-norm twin (§5.5)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1400
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    save_every: int = 500
-    log_every: int = 50            # loss/lr/images-per-s to log_<model>.jsonl (the only host syncs)
-    seed: int = 0
+    steps: int = knob(1400, "DDPM training steps")
+    batch_size: int = knob(32, "DDPM batch size")
+    lr: float = knob(2e-3, "DDPM peak learning rate (linear warm-up, cosine decay to 10%)")
+    warmup_steps: int = knob(100, "learning-rate warm-up steps")
+    ema_decay: float = knob(0.999, "EMA decay of the DDPM weights used for sampling")
+    grad_clip: float = knob(1.0, "gradient-norm clipping of the DDPM (0: off)")
+    save_every: int = knob(500, "checkpoint every N steps (and at the end)")
+    log_every: int = knob(50, "log loss/lr/images-per-s every N steps (the only host syncs)")
+    seed: int = knob(0, "seed of initialisation and data order (classifier_sn uses seed + 1000)")
 
 
 @dataclass
 class SampleConfig:
     """Sampling choices of sample.py and evaluate.py (not part of a run's stored config: the model
     comes from the checkpoint). Both CLIs generate their shared flags from these fields."""
-    run: str = "runs/circles"      # run directory holding ddpm.pt (and the classifiers)
-    n: int = 64                    # samples (evaluate.py: per method, default 512)
-    batch_size: int = 256
-    seed: int = 0
-    steps: int = 0                 # respaced sampling steps; 0 = the run's diffusion.sample_steps
-    device: str | None = None      # cuda, mps or cpu; None = the best available (pick_device)
-    guidance: str = "none"         # none | single (§2.2) | multi (§4.2, Eq. 2)
-    lambdas: str | None = None     # multi-guidance lambda per class, e.g. "30,30" (default: --scale)
-    scale: float = 30.0            # lambda of single guidance, and of every class if no --lambdas
-    target: int = -1               # class of single guidance; -1 = alternate classes over the batch
-    classifier: str = "classifier"  # classifier | classifier_sn (the spectral-norm twin)
+    run: str = knob("runs/circles", "run directory holding ddpm.pt (and the classifiers)")
+    n: int = knob(64, "number of samples (evaluate.py: per method)")
+    batch_size: int = knob(256, "samples drawn at once")
+    seed: int = knob(0, "sampling seed")
+    steps: int = knob(0, "respaced sampling steps; 0 = the run's sample_steps")
+    device: str | None = knob(None, "cuda, cuda:N, mps or cpu; default: the best available")
+    guidance: str = knob("none", "none | single (§2.2) | multi (§4.2, Eq. 2)")
+    lambdas: str | None = knob(None, "multi-guidance lambda per class, e.g. 30,30 (default: --scale each)")
+    scale: float = knob(30.0, "lambda of single guidance, and of every class if no --lambdas")
+    target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
+    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
@@ -170,15 +175,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_defaults=None,
             continue
         default = getattr(shown, f.name)
         kind = f.default if f.default is not dataclasses.MISSING else default
+        doc = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if isinstance(kind, bool):
             grp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                             help=f"(default: {default})")
+                             help=f"{doc} (default: {default})")
         elif isinstance(kind, tuple):
             grp.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,..",
-                             help=f"(default: {','.join(map(str, default))})")
+                             help=f"{doc} (default: {','.join(map(str, default))})")
         else:
             typ = type(kind) if kind is not None else str
-            grp.add_argument(flag, type=typ, default=None, help=f"(default: {default})")
+            grp.add_argument(flag, type=typ, default=None, help=f"{doc} (default: {default})")
 
 
 def add_config_args(parser: argparse.ArgumentParser, groups=("data", "unet", "diffusion",

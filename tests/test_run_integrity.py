@@ -149,3 +149,14 @@ def test_schedule_tables_live_on_the_device_in_float32():
     d.to("meta")  # tables elsewhere than the timesteps: a clear error, not a silent copy
     with pytest.raises(RuntimeError, match=r"diffusion\.to\(device\)"):
         d.q_sample(torch.zeros(2, 1, 4, 4), torch.tensor([1, 2]))
+
+
+def test_every_config_flag_says_what_it_means():
+    import dataclasses
+    import config as C
+    for cls in (*C.GROUPS.values(), C.SampleConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    text = " ".join(train.build_parser().format_help().split())
+    assert "width of each extreme training band in z (§4.1) (default: 0.2)" in text
+    assert "cosine decay to 10%)" in text  # '%' survives argparse's formatting
