@@ -350,6 +350,15 @@ def _attribute_list(attribute) -> tuple[list[str], bool]:
     return list(attribute), False
 
 
+def corner_classes(labels: np.ndarray) -> np.ndarray:
+    """k binary attributes [N, k] -> one of 2^k corner classes (§6, App. F), attribute 1 first:
+    class = sum_i (1 - a_i) 2^(k-1-i). For Smiling,Black_Hair: 0 smile+black, 1 smile+not black,
+    2 no smile+black, 3 no smile+not black (the authors' order)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    k = labels.shape[1]
+    return ((1 - labels) * (2 ** np.arange(k - 1, -1, -1))).sum(1)
+
+
 class CelebAData:
     """CelebA images of one split (optionally an index list of the train split), drawn in
     random batches like ``toy_circles.CirclesData``.
@@ -388,14 +397,18 @@ class CelebAData:
 
     def batch(self, n: int, generator: torch.Generator):
         """(x float [-1, 1] [n, 3, S, S], y int64 [n] or [n, k]) drawn with replacement."""
-        idx = torch.randint(0, len(self), (n,), generator=generator)
-        rows = np.asarray(self.images[idx.numpy()])
-        x = from_uint8(rows)
-        y = torch.from_numpy(self.labels[idx.numpy()])
-        if self.flip:
+        return self.take(torch.randint(0, len(self), (n,), generator=generator), generator)
+
+    def take(self, idx: torch.Tensor, generator: torch.Generator | None):
+        """Images ``idx`` (positions in this selection); flipped at random with ``generator``
+        (none: as stored)."""
+        i = idx.numpy()
+        x = from_uint8(np.asarray(self.images[i]))
+        y = torch.from_numpy(self.labels[i])
+        if self.flip and generator is not None:
             # A mirrored face keeps its smile, hair colour and age: the label is unchanged
             # (unlike the circles, where a flip moves the disc to the other class).
-            f = torch.rand(n, generator=generator) < 0.5
+            f = torch.rand(len(i), generator=generator) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
         return x, y
 

@@ -42,7 +42,8 @@ def _mps_available() -> bool:
 def pick_device(name: str | None = None) -> torch.device:
     """cuda, then mps, then cpu, unless the user named one (a bad name is a one-line error).
 
-    On the CPU, torch uses every core for intra-op parallelism (one place for set_num_threads)."""
+    On the CPU, torch uses every core for intra-op parallelism, or OMP_NUM_THREADS if set (one
+    place for set_num_threads)."""
     if name:
         try:
             device = torch.device(name)
@@ -65,7 +66,8 @@ def pick_device(name: str | None = None) -> torch.device:
     else:
         device = torch.device("cpu")
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        # Every core, unless the user capped threads (OMP_NUM_THREADS), e.g. beside another job.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return device
 
 

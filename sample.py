@@ -50,6 +50,11 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
     cfg = C.from_dict(ck["config"])
     if expect_cfg is not None:
         a, b = cfg["data"], expect_cfg["data"]
+        if (a.dataset, a.attribute) != (b.dataset, b.attribute):
+            what = lambda d: d.dataset + (f" ({d.attribute})" if d.attribute else "")
+            raise UserError(f"{name} was trained on {what(a)} but the DDPM on {what(b)}; train the "
+                            f"classifier in the DDPM's run: python train.py --out {run} --model "
+                            f"classifier --overwrite")
         if (a.image_size, a.channels) != (b.image_size, b.channels):
             raise UserError(f"{name} was trained on {a.image_size}x{a.image_size}x{a.channels} images "
                             f"but the DDPM makes {b.image_size}x{b.image_size}x{b.channels}; retrain "

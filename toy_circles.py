@@ -84,11 +84,15 @@ class CirclesData:
         return len(self.x)
 
     def batch(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self.x), (n,), generator=generator)
+        """n images drawn with replacement, randomly flipped: (x [-1, 1] NCHW, y int64 [n])."""
+        return self.take(torch.randint(0, len(self.x), (n,), generator=generator), generator)
+
+    def take(self, idx: torch.Tensor, generator: torch.Generator | None):
+        """Images ``idx``; flipped at random with ``generator`` (none: as stored)."""
         x, y = self.x[idx], self.y[idx]
-        if self.flip:
+        if self.flip and generator is not None:
             # Horizontal flip maps x -> S-1-x: the left band onto the right one, so the label flips.
-            f = torch.rand(n, generator=generator) < 0.5
+            f = torch.rand(len(idx), generator=generator) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
             y = torch.where(f, 1 - y, y)
         return x, y

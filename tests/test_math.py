@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import train
+import trainer
 from checkpoint import UserError
 from diffusion import GaussianDiffusion, cosine_betas, linear_betas
 from guidance import multi_guidance, single_guidance
@@ -298,27 +299,27 @@ def test_oracle_on_a_weighted_mixture(T, K):
 
 def test_lr_warmup_then_cosine_to_ten_percent():
     base, W, total = 2e-4, 10, 110
-    assert train.lr_at(0, base, W, total) == pytest.approx(base / W, rel=1e-12)
-    assert train.lr_at(4, base, W, total) == pytest.approx(base * 5 / W, rel=1e-12)
-    assert train.lr_at(W - 1, base, W, total) == pytest.approx(base, rel=1e-12)
-    assert train.lr_at(W, base, W, total) == pytest.approx(base, rel=1e-12)
-    assert train.lr_at(W + 25, base, W, total) == pytest.approx(
+    assert trainer.lr_at(0, base, W, total) == pytest.approx(base / W, rel=1e-12)
+    assert trainer.lr_at(4, base, W, total) == pytest.approx(base * 5 / W, rel=1e-12)
+    assert trainer.lr_at(W - 1, base, W, total) == pytest.approx(base, rel=1e-12)
+    assert trainer.lr_at(W, base, W, total) == pytest.approx(base, rel=1e-12)
+    assert trainer.lr_at(W + 25, base, W, total) == pytest.approx(
         base * (0.1 + 0.45 * (1 + math.cos(math.pi / 4))), rel=1e-12)  # 0.868198 base
-    assert train.lr_at(W + 50, base, W, total) == pytest.approx(0.55 * base, rel=1e-12)
-    assert train.lr_at(total, base, W, total) == pytest.approx(0.1 * base, rel=1e-12)
-    assert train.lr_at(total + 50, base, W, total) == pytest.approx(0.1 * base, rel=1e-12)
-    warm = [train.lr_at(s, base, W, total) for s in range(W)]
-    decay = [train.lr_at(s, base, W, total) for s in range(W, total + 1)]
+    assert trainer.lr_at(W + 50, base, W, total) == pytest.approx(0.55 * base, rel=1e-12)
+    assert trainer.lr_at(total, base, W, total) == pytest.approx(0.1 * base, rel=1e-12)
+    assert trainer.lr_at(total + 50, base, W, total) == pytest.approx(0.1 * base, rel=1e-12)
+    warm = [trainer.lr_at(s, base, W, total) for s in range(W)]
+    decay = [trainer.lr_at(s, base, W, total) for s in range(W, total + 1)]
     assert all(a < b for a, b in zip(warm, warm[1:]))
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
 def test_ema_decay_warmup():
-    assert train.ema_decay_at(0, 0.999) == pytest.approx(0.1, rel=1e-12)
-    assert train.ema_decay_at(10, 0.999) == pytest.approx(11 / 20, rel=1e-12)
-    assert train.ema_decay_at(990, 0.999) == pytest.approx(991 / 1000, rel=1e-12)
-    assert train.ema_decay_at(10 ** 6, 0.999) == 0.999
-    assert train.ema_decay_at(0, 0.05) == 0.05
+    assert trainer.ema_decay_at(0, 0.999) == pytest.approx(0.1, rel=1e-12)
+    assert trainer.ema_decay_at(10, 0.999) == pytest.approx(11 / 20, rel=1e-12)
+    assert trainer.ema_decay_at(990, 0.999) == pytest.approx(991 / 1000, rel=1e-12)
+    assert trainer.ema_decay_at(10 ** 6, 0.999) == 0.999
+    assert trainer.ema_decay_at(0, 0.05) == 0.05
 
 
 def test_update_ema_is_the_exact_lerp():
@@ -331,12 +332,12 @@ def test_update_ema_is_the_exact_lerp():
 
     ema = net([[1.0, 2.0], [3.0, 4.0]], [0.5, -0.5], [7.0])
     model = net([[3.0, 0.0], [-1.0, 4.0]], [1.5, 0.5], [9.0])
-    train.update_ema(ema, model, 0.75)
+    trainer.update_ema(ema, model, 0.75)
     assert torch.allclose(ema.weight, torch.tensor([[1.5, 1.5], [2.0, 4.0]]), atol=1e-7)
     assert torch.allclose(ema.bias, torch.tensor([0.75, -0.25]), atol=1e-7)
     assert torch.equal(ema.stat, torch.tensor([9.0]))  # buffers copied, not averaged
     assert torch.equal(model.weight, torch.tensor([[3.0, 0.0], [-1.0, 4.0]]))  # model untouched
-    train.update_ema(ema, model, 0.0)
+    trainer.update_ema(ema, model, 0.0)
     assert torch.equal(ema.weight, model.weight) and torch.equal(ema.bias, model.bias)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+import trainer
 from checkpoint import UserError, load_checkpoint, pick_device
 from conftest import TINY
 from diffusion import GaussianDiffusion, cosine_betas
@@ -47,7 +48,7 @@ def test_training_log_and_loss_curve(ddpm_run):
     # TINY logs every 50 steps by default: a 10-step run logs once, at its last step.
     assert [r["step"] for r in recs] == [10]
     assert recs[0]["loss"] > 0 and recs[0]["images_per_s"] > 0
-    assert recs[0]["lr"] == pytest.approx(train.lr_at(9, 2e-3, 5, 10))
+    assert recs[0]["lr"] == pytest.approx(trainer.lr_at(9, 2e-3, 5, 10))
     assert os.path.getsize(os.path.join(ddpm_run, "loss_ddpm.png")) > 0
 
 
@@ -111,10 +112,10 @@ def test_gradscaler_unscales_before_clipping(tmp_path, monkeypatch):
     """fp16 path: with a GradScaler the clipped update must equal the fp32 one (unscale first)."""
     def run(out, use_scaler):
         if use_scaler:  # a CPU GradScaler stands in for the CUDA one: same unscale/clip/step logic
-            monkeypatch.setattr(train, "precision", lambda device, allow=True: (
+            monkeypatch.setattr(trainer, "precision", lambda device, allow=True: (
                 contextlib.nullcontext, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), "scaled"))
         else:
-            monkeypatch.setattr(train, "precision", lambda device, allow=True: (
+            monkeypatch.setattr(trainer, "precision", lambda device, allow=True: (
                 contextlib.nullcontext, None, "fp32"))
         train.main(["--model", "ddpm", "--out", out, "--steps", "3", "--grad-clip", "0.01"] + TINY_DDPM)
         return load_checkpoint(out, "ddpm")
@@ -125,9 +126,9 @@ def test_gradscaler_unscales_before_clipping(tmp_path, monkeypatch):
 
 
 def test_precision_is_fp32_off_cuda():
-    ctx, scaler, label = train.precision(torch.device("cpu"))
+    ctx, scaler, label = trainer.precision(torch.device("cpu"))
     assert scaler is None and label == "fp32"
-    assert train.precision(torch.device("cpu"), False)[2] == "fp32"
+    assert trainer.precision(torch.device("cpu"), False)[2] == "fp32"
 
 
 def test_bad_device_is_one_line(tmp_path):
