@@ -354,6 +354,7 @@ def intersect_lists(a: str, b: str, out: str) -> np.ndarray:
     if not len(both):
         raise UserError(f"the intersection of {a} and {b} is empty; loosen the filters (larger --k) "
                         "so that the two lists share images")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
     write_index_list(out, both)
     return both
 

@@ -2,6 +2,9 @@
 
     python evaluate.py --run runs/circles            # samples 512 per method, writes metrics + PNGs
 
+A CelebA run (--dataset celeba) is measured by evaluate_faces.py instead (§5.1, §5.3 --sweep, §6,
+App. H; its flags are the "CelebA runs" group below).
+
 Methods: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = [30, 30], plain classifier),
 ``multi_sn`` (same with the spectral-norm classifier). By default every method whose checkpoints
 exist is evaluated (the others are skipped with a one-line note); methods named with --methods
@@ -315,13 +318,28 @@ def select_methods(run: str, methods=None, log=print) -> list:
     return [m for m in methods if m not in missing]
 
 
-def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas="30,30", steps=None, methods=None,
-                 device=None, resample=False, figures=True, write_metrics=True, log=print) -> dict:
+def run_dataset(run: str) -> str:
+    """The dataset of a run, read from its DDPM checkpoint (one-line error if there is none)."""
+    from checkpoint import load_checkpoint
+    return C.from_dict(load_checkpoint(run, "ddpm")["config"])["data"].dataset
+
+
+def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, methods=None,
+                 device=None, resample=False, figures=True, write_metrics=True, log=print, **faces) -> dict:
     """Sample (or read back) every method, measure it, and write metrics.json and the figures.
 
-    ``methods`` None: every method whose checkpoints exist (see ``select_methods``)."""
+    ``methods`` None: every method whose checkpoints exist (see ``select_methods``). ``lambdas``
+    None: 30 per class. A CelebA run goes to ``evaluate_faces.evaluate_run`` (``faces``: its
+    keyword arguments, e.g. eval_classifier)."""
     from checkpoint import pick_device
     from sample import load_classifier, load_ddpm, save_grid
+    if run_dataset(run) == "celeba":
+        import evaluate_faces
+        return evaluate_faces.evaluate_run(run, n, batch_size, seed, lambdas, steps, methods, device, resample,
+                                           figures, write_metrics, log, **faces)
+    if faces:
+        raise UserError(f"{', '.join(sorted(faces))} only apply to CelebA runs")
+    lambdas = lambdas or "30,30"
     device = device or pick_device()
     models = load_ddpm(run, device)  # first: a missing DDPM is the error to report
     cfg = models[1]
@@ -369,7 +387,15 @@ def build_parser():
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: those whose checkpoints exist)")
     p.add_argument("--resample", action="store_true", help="ignore cached eval_*.npz samples")
+    import evaluate_faces
+    evaluate_faces.add_args(p)
     return p
+
+
+def evaluate_faces_flags(a) -> list:
+    """The CelebA-only flags given on the command line."""
+    import evaluate_faces
+    return ["--" + f.replace("_", "-") for f in evaluate_faces.FACE_FLAGS if getattr(a, f) is not None]
 
 
 def main(argv=None):
@@ -384,9 +410,15 @@ def main(argv=None):
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)  # also sets the CPU threads
+    if run_dataset(s.run) == "celeba":
+        import evaluate_faces
+        return evaluate_faces.main_from_args(a, s, typed, methods, device)
+    given = [f for f in evaluate_faces_flags(a)]
+    if given:
+        raise UserError(f"{' '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to CelebA runs")
     t0 = time.time()
-    metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas, s.steps or None, methods, device,
-                           a.resample)
+    metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas or "30,30", s.steps or None, methods,
+                           device, a.resample)
     print(format_table(metrics))
     heat = any(os.path.exists(ckpt_path(s.run, c)) for c in ("classifier", "classifier_sn"))
     files = ["metrics.json"] + [f"grid_{m}.png" for m in metrics] + ["hist_z.png"] + \

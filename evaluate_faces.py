@@ -1,0 +1,620 @@
+"""Evaluation of the CelebA experiments (§5.1, §5.3, §6, App. H); ``evaluate.py`` dispatches here.
+
+    python evaluate.py --run runs/smile                        # uncond, multi (lambda 30 a class), train
+    python evaluate.py --run runs/smile --sweep 3.5,10,30,50,75,100 --n 256        # §5.3
+    python evaluate.py --run runs/smile_hair --eval-classifier A.pt,B.pt            # §6, two attributes
+
+The latent of a face is measured by the calibrated *evaluation classifier* (eval_classifier.py):
+p = P(attribute = 1 | x) after temperature scaling (§5 intro). It is looked for (per attribute of
+the run) at ``<dir of the run's index list>/eval_<Attr>.pt``, then ``<run>/eval_<Attr>.pt``, then
+``runs/filter_<Attr>/eval_<Attr>.pt``; ``--eval-classifier PATH[,PATH2]`` names them explicitly.
+
+Rows: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = 30 for every class, §5.1),
+``multi_sn`` when named, and ``train``: the run's training images (its index list) as the
+reference. Per row and attribute, on the p of every image:
+  hist_mse / hist_kld  the 100-bin histogram on [0, 1] vs uniform (evaluate.hist_mse / hist_kld;
+                       paper §5.1: multi 0.13 / 0.61, train 0.56 / 3.17, uncond 0.64 / 3.5 at
+                       10k samples, 64 px);
+  frac_03_07, frac_04_06  fraction with p in [0.3, 0.7], [0.4, 0.6];
+  z_frac_03_07 (stand-in only)  fraction whose *true-latent proxy* lies in [0.3, 0.7]: a z-regressor
+                       (the clean-classifier architecture with one output, MSE on the true latent of
+                       every train image of toy_faces), cached as ``<eval classifier dir>/zreg_<Attr>.pt``.
+With two attributes (§6, 4 corner classes) the keys carry the attribute (``hist_mse_Smiling``) and
+each row also has ``center_03_07`` (both p in [0.3, 0.7]) and ``heatmap_counts`` (20 x 20 counts
+of (p_1, p_2), rows = p_1 bins).
+
+Files in the run: metrics.json {row: {metric: value}}, eval_<method>.npz (sample cache),
+grid_<row>.png, hist_p.png (Fig. 5 style), grid_mild.png (multi samples with 0.4 < p < 0.6,
+Fig. 4/8), memorisation.png / memorisation_features.png / memorisation.json (App. H: the samples
+closest to the training set beside their 8 nearest training images, pixel L2 and L2 between
+evaluation-classifier features; the paper used CLIP embeddings), heatmap_2d.png (§6, Fig. 9).
+--sweep writes sweep.json, sweep.png and eval_sweep_<lambda>.npz only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from checkpoint import UserError, ckpt_path, from_uint8, save_atomic, to_uint8
+from evaluate import hist_kld, hist_mse, histogram
+
+METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
+           "multi_sn": ("multi", "classifier_sn")}
+DEFAULT_METHODS = ("uncond", "multi")
+PAPER = {"multi": {"hist_mse": 0.13, "hist_kld": 0.61}, "train": {"hist_mse": 0.56, "hist_kld": 3.17},
+         "uncond": {"hist_mse": 0.64, "hist_kld": 3.5}}  # §5.1, Smiling, 10k samples at 64 px
+PAPER_SWEEP = {75.0: {"hist_mse": 0.065, "hist_kld": 0.188}, 30.0: {"hist_mse": 0.13, "hist_kld": 0.61}}
+HEAT_BINS = 20
+ZREG_STEPS = 400
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure metrics
+# ----------------------------------------------------------------------------------------------
+
+def frac_in(values, lo: float, hi: float) -> float:
+    """Fraction of values in the closed interval [lo, hi] (NaN for no values)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(((v >= lo) & (v <= hi)).mean()) if len(v) else float("nan")
+
+
+def p_metrics(p) -> dict:
+    """Histogram metrics of calibrated probabilities p (one attribute)."""
+    h = histogram(p, 100)
+    return {"hist_mse": hist_mse(h), "hist_kld": hist_kld(h), "frac_03_07": frac_in(p, 0.3, 0.7),
+            "frac_04_06": frac_in(p, 0.4, 0.6), "mean_p": float(np.mean(p))}
+
+
+def hist2d(p1, p2, bins: int = HEAT_BINS) -> np.ndarray:
+    """int counts [bins, bins] of (p1, p2) on [0, 1]^2; row i = p1 bin, column j = p2 bin
+    (np.histogram2d: the last bin is closed, so p = 1 falls in the top bin)."""
+    h, _, _ = np.histogram2d(np.clip(p1, 0, 1), np.clip(p2, 0, 1), bins=bins, range=[[0, 1], [0, 1]])
+    return h.astype(np.int64)
+
+
+def center_fraction(p1, p2, lo: float = 0.3, hi: float = 0.7) -> float:
+    """Fraction of samples with both probabilities in [lo, hi] (§6: the central square)."""
+    p1, p2 = np.asarray(p1), np.asarray(p2)
+    return float(((p1 >= lo) & (p1 <= hi) & (p2 >= lo) & (p2 <= hi)).mean()) if len(p1) else float("nan")
+
+
+def nearest(queries: np.ndarray, base: np.ndarray, k: int = 8, chunk: int = 4096):
+    """(distances [Q, k], indices [Q, k]) of the k nearest rows of ``base`` (L2).
+
+    Candidates are found chunk by chunk of ``base`` with float32 cdist (bounded memory at 60k
+    training images of 64 px), then the k kept are re-measured exactly in float64: the
+    matrix-product form of cdist loses ~1e-7 to cancellation, so a copied image reads 0 exactly."""
+    q = np.asarray(queries).reshape(len(queries), -1)
+    b = np.asarray(base).reshape(len(base), -1)
+    k = min(k, len(b))
+    qf = torch.as_tensor(q, dtype=torch.float32)
+    best_d = torch.full((len(q), 0), float("inf"))
+    best_i = torch.zeros((len(q), 0), dtype=torch.long)
+    for s in range(0, len(b), chunk):
+        d = torch.cdist(qf, torch.as_tensor(b[s:s + chunk], dtype=torch.float32))
+        v, j = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        cand_d, cand_i = torch.cat([best_d, v], 1), torch.cat([best_i, j + s], 1)
+        best_d, o = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False)
+        best_i = cand_i.gather(1, o)
+    q64 = torch.as_tensor(q, dtype=torch.float64)
+    exact = (q64[:, None, :] - torch.as_tensor(b[best_i.numpy()], dtype=torch.float64)).norm(dim=-1)
+    exact, o = exact.sort(dim=1, stable=True)
+    return exact.numpy(), best_i.gather(1, o).numpy()
+
+
+def memorisation(samples_u8, train_u8, k: int = 8, rows: int = 8, features=None):
+    """App. H: the ``rows`` samples closest to the training set and their k nearest training images.
+
+    ``features``: None for pixel space (uint8 / 255), else (sample features, train features).
+    Returns {sample: [r], neighbours: [r, k], distances: [r, k]} (positions in the inputs)."""
+    if features is None:
+        a = np.asarray(samples_u8, dtype=np.float64) / 255.0
+        b = np.asarray(train_u8, dtype=np.float64) / 255.0
+    else:
+        a, b = features
+    d, j = nearest(a, b, k)
+    order = np.argsort(d[:, 0], kind="stable")[:rows]
+    return {"sample": order, "neighbours": j[order], "distances": d[order]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation classifiers and the run's data
+# ----------------------------------------------------------------------------------------------
+
+def run_attributes(cfg) -> list[str]:
+    return [a.strip() for a in cfg["data"].attribute.split(",") if a.strip()]
+
+
+def find_eval_classifiers(run: str, cfg, explicit: str | None = None) -> list[str]:
+    """Paths of the evaluation classifiers, one per attribute of the run, in the run's order."""
+    attrs = run_attributes(cfg)
+    if explicit:
+        paths = [p.strip() for p in explicit.split(",") if p.strip()]
+        if len(paths) != len(attrs):
+            raise UserError(f"--eval-classifier names {len(paths)} file(s) but the run has "
+                            f"{len(attrs)} attribute(s) ({', '.join(attrs)}); give one per attribute")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise UserError(f"no evaluation classifier at {p}; run data_filter.py or fix "
+                                "--eval-classifier")
+        return paths
+    index_dir = os.path.dirname(cfg["data"].index_list) if cfg["data"].index_list else None
+    out = []
+    for a in attrs:
+        places = ([index_dir] if index_dir is not None else []) + [run, os.path.join("runs", f"filter_{a}")]
+        found = [os.path.join(d, f"eval_{a}.pt") for d in places if os.path.isfile(os.path.join(d, f"eval_{a}.pt"))]
+        if not found:
+            raise UserError(f"no evaluation classifier eval_{a}.pt for {run} (looked in "
+                            f"{', '.join(places)}); run python data_filter.py --data-dir "
+                            f"{cfg['data'].data_dir} --attribute {a} or pass --eval-classifier PATH")
+        out.append(found[0])
+    return out
+
+
+def load_eval_classifiers(run: str, cfg, device, explicit: str | None = None) -> list:
+    """EvalClassifiers in the run's attribute order; checks attribute and image size."""
+    from eval_classifier import EvalClassifier
+    attrs = run_attributes(cfg)
+    clfs = []
+    for p in find_eval_classifiers(run, cfg, explicit):
+        clfs.append(EvalClassifier.load(p, device))
+        clfs[-1].path = p
+    got = [c.attribute for c in clfs]
+    if sorted(got) != sorted(attrs) or len(set(got)) != len(got):
+        raise UserError(f"evaluation classifier attribute(s) {', '.join(got)} do not match the run's "
+                        f"{', '.join(attrs)}; pass --eval-classifier with one file per attribute")
+    clfs = [clfs[got.index(a)] for a in attrs]
+    size = cfg["data"].image_size
+    for c in clfs:
+        if c.image_size != size:
+            raise UserError(f"evaluation classifier for {c.attribute} is {c.image_size} px but the run "
+                            f"makes {size} px images; run data_filter.py --image-size {size} or pass "
+                            "--eval-classifier")
+    return clfs
+
+
+def train_images(cfg, progress: bool = False):
+    """(uint8 images of the run's training set in index-list order, incl. repeats; unique positions)."""
+    from celeba import CelebAData
+    d = cfg["data"]
+    data = CelebAData(d.data_dir, d.image_size, d.attribute, "train", d.index_list or None, flip=False,
+                      cache_dir=d.cache_dir or None, progress=progress)
+    images = np.array(data.images)  # a writable copy (the cache is a read-only memmap)
+    _, first = np.unique(np.asarray(data.index), return_index=True)
+    return images, np.sort(first)
+
+
+def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: int = 64,
+               cache_dir: str | None = None, path: str | None = None, progress: bool = False):
+    """The stand-in's true-latent proxy for ``clf.attribute`` (None when there is no true latent):
+    the clean-classifier architecture with one output, trained with MSE on the true z of every
+    train image; cached at ``path`` (default beside the evaluation classifier) for this data folder,
+    attribute, size and steps. Returns a function uint8 NHWC -> predicted z."""
+    from celeba import CelebAData
+    from classifier import NoisyClassifier
+    from eval_classifier import true_latent
+    from trainer import lr_at
+    attr, size = clf.attribute, clf.image_size
+    if true_latent(data_dir, attr, []) is None:
+        return None
+    key = {"data_dir": os.path.realpath(data_dir), "attribute": attr, "image_size": size, "steps": steps,
+           "arch": clf.arch}
+    model = NoisyClassifier(size, 3, 1, **clf.arch)
+    ck = torch.load(path, map_location="cpu", weights_only=False) if path and os.path.isfile(path) else None
+    if ck is not None and ck.get("key") == key:
+        model.load_state_dict(ck["model"])
+    else:
+        data = CelebAData(data_dir, size, attr, "train", flip=False, cache_dir=cache_dir, progress=progress)
+        z = torch.tensor(true_latent(data_dir, attr, data.files), dtype=torch.float32)
+        model = model.to(device)
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        t0 = torch.zeros(batch_size, dtype=torch.long, device=device)
+        model.train()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, 1e-3, max(1, steps // 20), steps)
+            pick = np.sort(torch.randint(0, len(z), (batch_size,), generator=gen).numpy())
+            x = from_uint8(np.array(data.images[pick]))
+            flip = torch.rand(batch_size, generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
+            loss = torch.nn.functional.mse_loss(model(x, t0)[:, 0], z[pick].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        quality = {"train_mse": float(loss.detach())}
+        try:  # held-out quality on the test split (the stand-in has true latents for every split)
+            test = CelebAData(data_dir, size, attr, "test", flip=False, cache_dir=cache_dir, progress=progress)
+            zt = true_latent(data_dir, attr, test.files)
+            with torch.inference_mode():
+                pt = torch.cat([model(from_uint8(np.array(test.images[i:i + 256])).to(device),
+                                      torch.zeros(len(test.images[i:i + 256]), dtype=torch.long,
+                                                  device=device))[:, 0].cpu()
+                                for i in range(0, len(test), 256)]).double().numpy()
+            quality.update(test_rmse=float(np.sqrt(np.mean((pt - zt) ** 2))),
+                           test_corr=float(np.corrcoef(pt, zt)[0, 1]), test_n=len(zt))
+        except UserError:
+            pass
+        if path:
+            save_atomic({"kind": "zregressor", "key": key, "quality": quality,
+                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+        ck = {"quality": quality}
+    model = model.to(device).eval()
+    predict_quality = ck.get("quality", {})
+
+    @torch.inference_mode()
+    def predict(images_u8, batch: int = 256) -> np.ndarray:
+        out = []
+        for i in range(0, len(images_u8), batch):
+            x = from_uint8(np.array(images_u8[i:i + batch])).to(device)
+            out.append(model(x, torch.zeros(len(x), dtype=torch.long, device=device))[:, 0].double().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+    predict.quality = predict_quality
+    return predict
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples (cached like evaluate.method_samples)
+# ----------------------------------------------------------------------------------------------
+
+def cached_samples(run, tag, guidance, clf_name, n, batch_size, seed, lambdas, steps, device, models,
+                   resample=False, log=print):
+    """uint8 samples, read back from ``<run>/eval_<tag>.npz`` when made with the same settings."""
+    from sample import generate
+    stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
+        ([os.path.getmtime(ckpt_path(run, clf_name))] if clf_name else [])
+    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if clf_name else None,
+                           "steps": steps, "stamp": stamp, "classifier": clf_name})
+    path = os.path.join(run, f"eval_{tag}.npz")
+    if not resample and os.path.exists(path):
+        z = np.load(path)
+        if str(z["settings"]) == settings:
+            log(f"{tag}: {n} samples read from {path}")
+            return z["images"], float(z["seconds"])
+    t0 = time.time()
+    x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas,
+                 classifier=clf_name or "classifier", progress=True, models=models)
+    seconds = time.time() - t0
+    images = to_uint8(x)
+    np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
+    log(f"{tag}: {n} samples in {seconds:.0f} s")
+    return images, seconds
+
+
+def default_lambdas(num_classes: int, value: float = 30.0) -> str:
+    return ",".join([f"{value:g}"] * num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring one set of images
+# ----------------------------------------------------------------------------------------------
+
+def batched(fn, images, chunk: int = 4096) -> np.ndarray:
+    """fn over chunks of uint8 images (EvalClassifier converts its whole input to float at once:
+    2.9 GB for 60k images of 64 px)."""
+    return np.concatenate([fn(images[i:i + chunk]) for i in range(0, len(images), chunk)])
+
+
+def measure(images, clfs, zregs) -> tuple[dict, dict]:
+    """(metrics, {attribute: p}) of uint8 images under the evaluation classifiers."""
+    probs, m = {}, {"n": int(len(images))}
+    two = len(clfs) > 1
+    for c, zr in zip(clfs, zregs):
+        p = batched(c.prob, images)
+        probs[c.attribute] = p
+        sfx = f"_{c.attribute}" if two else ""
+        m.update({k + sfx: v for k, v in p_metrics(p).items()})
+        if zr is not None:
+            z = zr(images)
+            m["z_frac_03_07" + sfx] = frac_in(z, 0.3, 0.7)
+            m["z_frac_04_06" + sfx] = frac_in(z, 0.4, 0.6)
+    if two:
+        a, b = (probs[c.attribute] for c in clfs[:2])
+        m["center_03_07"] = center_fraction(a, b)
+        m["heatmap_counts"] = hist2d(a, b).tolist()
+    return m, probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_hist_p(probs: dict, metrics: dict, path: str) -> None:
+    """Fig. 5 style: distribution of calibrated p per row, log counts; one panel per attribute."""
+    plt = _plt()
+    attrs = list(next(iter(probs.values())))
+    fig, axes = plt.subplots(1, len(attrs), figsize=(7 * len(attrs), 3.6), squeeze=False)
+    bins = np.linspace(0, 1, 101)
+    for ax, a in zip(axes[0], attrs):
+        sfx = f"_{a}" if len(attrs) > 1 else ""
+        for name, pr in probs.items():
+            m = metrics[name]
+            ax.hist(pr[a], bins=bins, histtype="step", lw=1.5, density=True,
+                    label=f"{name} (n {m['n']}, MSE {m['hist_mse' + sfx]:.2f}, KLD {m['hist_kld' + sfx]:.2f}, "
+                          f"[0.3,0.7] {m['frac_03_07' + sfx]:.1%})")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set(yscale="log", xlabel=f"calibrated p({a} = 1 | x)", ylabel="density")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap_2d(counts, attrs, path: str, title: str = "") -> None:
+    """§6, Fig. 9: log counts of (p_1, p_2) on a 20 x 20 grid."""
+    plt = _plt()
+    c = np.asarray(counts, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    im = ax.imshow(np.log10(c + 1), origin="lower", extent=[0, 1, 0, 1], cmap="viridis")
+    ax.set(ylabel=f"p({attrs[0]})", xlabel=f"p({attrs[1]})", title=title or "log10(1 + count)")
+    for v in (0.3, 0.7):
+        ax.axhline(v, color="w", lw=0.6, ls="--")
+        ax.axvline(v, color="w", lw=0.6, ls="--")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memorisation(samples_u8, train_u8, res: dict, path: str, title: str) -> None:
+    plt = _plt()
+    r, k = res["neighbours"].shape
+    fig, axes = plt.subplots(r, k + 1, figsize=(1.2 * (k + 1), 1.35 * r), squeeze=False)
+    for i in range(r):
+        axes[i][0].imshow(samples_u8[res["sample"][i]])
+        axes[i][0].set_title(f"sample {res['sample'][i]}", fontsize=6, color="red")
+        for j in range(k):
+            axes[i][j + 1].imshow(train_u8[res["neighbours"][i, j]])
+            axes[i][j + 1].set_title(f"d={res['distances'][i, j]:.3g}", fontsize=6)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: dict, path: str) -> None:
+    plt = _plt()
+    lams = sorted(sweep, key=float)
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
+    for a, key in zip(ax, ("hist_mse", "hist_kld")):
+        keys = [k for k in sweep[lams[0]] if k.startswith(key)]
+        for kk in keys:
+            a.plot([float(l) for l in lams], [sweep[l][kk] for l in lams], "o-", label=kk)
+        a.set(xscale="log", xlabel="lambda (every class)", ylabel=key.replace("hist_", "") + " to uniform")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+def _setup(run, device, eval_classifier, zreg_steps, log):
+    from sample import load_ddpm
+    models = load_ddpm(run, device)
+    cfg = models[1]
+    if cfg["data"].dataset != "celeba":
+        raise UserError(f"evaluate_faces measures celeba runs; {run} holds {cfg['data'].dataset}")
+    clfs = load_eval_classifiers(run, cfg, device, eval_classifier)
+    zregs = []
+    for c in clfs:
+        zp = os.path.join(os.path.dirname(os.path.abspath(c.path)), f"zreg_{c.attribute}.pt")
+        if not os.access(os.path.dirname(zp), os.W_OK):
+            zp = os.path.join(run, f"zreg_{c.attribute}.pt")
+        zr = zregressor(c, cfg["data"].data_dir, device, zreg_steps, cache_dir=cfg["data"].cache_dir or None,
+                        path=zp) if zreg_steps > 0 else None
+        if zr is not None:
+            q = zr.quality
+            log(f"z-regressor for {c.attribute}: {zp}" + (
+                f" (test RMSE {q['test_rmse']:.3f}, corr {q['test_corr']:.3f} with the true z)"
+                if "test_rmse" in q else ""))
+        zregs.append(zr)
+    return models, cfg, clfs, zregs
+
+
+def _num_classes(run) -> int:
+    from checkpoint import load_checkpoint
+    return int(load_checkpoint(run, "classifier")["num_classes"])
+
+
+def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, methods=None, device=None,
+                 resample=False, figures=True, write_metrics=True, log=print, eval_classifier=None,
+                 zreg_steps=ZREG_STEPS, memo_rows=8) -> dict:
+    """Sample every method, measure it and the training set; write metrics.json and the figures."""
+    from checkpoint import pick_device
+    from sample import save_grid
+    device = device or pick_device()
+    models, cfg, clfs, zregs = _setup(run, device, eval_classifier, zreg_steps, log)
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if METHODS[m][1] and not os.path.exists(ckpt_path(run, METHODS[m][1])):
+            raise UserError(f"method {m} needs {os.path.basename(ckpt_path(run, METHODS[m][1]))} in {run}; "
+                            f"train it with python train.py --out {run} --model classifier")
+    if any(METHODS[m][1] for m in methods):
+        lambdas = lambdas or default_lambdas(_num_classes(run))
+    attrs = [c.attribute for c in clfs]
+    metrics, probs, images = {}, {}, {}
+    for m in methods:
+        guidance, clf_name = METHODS[m]
+        images[m], seconds = cached_samples(run, m, guidance, clf_name, n, batch_size, seed, lambdas, steps,
+                                            device, models, resample, log)
+        metrics[m], probs[m] = measure(images[m], clfs, zregs)
+        metrics[m]["sample_seconds"] = seconds
+        if clf_name:
+            metrics[m]["lambdas"] = lambdas
+    train_all, uniq = train_images(cfg)
+    metrics["train"], probs["train"] = measure(train_all, clfs, zregs)
+    images["train"] = train_all
+    if figures:
+        for name, ims in images.items():
+            save_grid(from_uint8(ims[:64]), os.path.join(run, f"grid_{name}.png"))
+        plot_hist_p(probs, metrics, os.path.join(run, "hist_p.png"))
+        mild_src = "multi" if "multi" in images else methods[0]
+        p0 = probs[mild_src][attrs[0]]
+        mild = np.flatnonzero((p0 > 0.4) & (p0 < 0.6))
+        metrics[mild_src]["n_mild_04_06"] = int(len(mild))
+        if len(mild):
+            save_grid(from_uint8(images[mild_src][mild[:64]]), os.path.join(run, "grid_mild.png"))
+            log(f"grid_mild.png: {min(64, len(mild))} of {len(mild)} {mild_src} samples with "
+                f"0.4 < p({attrs[0]}) < 0.6")
+        else:
+            if os.path.exists(os.path.join(run, "grid_mild.png")):  # stale, from earlier samples
+                os.remove(os.path.join(run, "grid_mild.png"))
+            log(f"grid_mild.png not written: no {mild_src} sample has 0.4 < p({attrs[0]}) < 0.6")
+        memo = memorisation_report(images[mild_src], train_all[uniq], clfs[0], run, mild_src, memo_rows)
+        metrics[mild_src]["memorisation_min_pixel_l2"] = memo["pixel"]["distances"][0][0]
+        metrics[mild_src]["memorisation_min_feature_l2"] = memo["features"]["distances"][0][0]
+        if len(clfs) > 1:
+            for m in probs:
+                plot_heatmap_2d(metrics[m]["heatmap_counts"], attrs,
+                                os.path.join(run, "heatmap_2d.png" if m == "multi" else f"heatmap_2d_{m}.png"),
+                                f"{m}: central square {metrics[m]['center_03_07']:.1%}")
+    if write_metrics:
+        with open(os.path.join(run, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def memorisation_report(samples, train_u8, clf, run, name, rows=8, k=8) -> dict:
+    """memorisation.png (pixel L2), memorisation_features.png (evaluation-classifier features),
+    memorisation.json (sample / neighbour positions and distances)."""
+    out = {}
+    pix = memorisation(samples, train_u8, k, rows)
+    plot_memorisation(samples, train_u8, pix, os.path.join(run, "memorisation.png"),
+                      f"{name}: samples closest to the training set (pixel L2, images in [0,1])")
+    feats = memorisation(samples, train_u8, k, rows, features=(batched(clf.features, samples), batched(clf.features, train_u8)))
+    plot_memorisation(samples, train_u8, feats, os.path.join(run, "memorisation_features.png"),
+                      f"{name}: nearest training images in eval-classifier feature space (L2)")
+    for key, r in (("pixel", pix), ("features", feats)):
+        out[key] = {kk: np.asarray(v).tolist() for kk, v in r.items()}
+    out["method"] = name
+    out["train_images"] = int(len(train_u8))
+    with open(os.path.join(run, "memorisation.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def sweep_run(run, lams, n=256, batch_size=256, seed=0, steps=None, device=None, resample=False,
+              log=print, eval_classifier=None, zreg_steps=ZREG_STEPS, figures=True) -> dict:
+    """§5.3: multi-guidance with lambda = each value for every class -> sweep.json, sweep.png."""
+    from checkpoint import pick_device
+    device = device or pick_device()
+    models, cfg, clfs, zregs = _setup(run, device, eval_classifier, zreg_steps, log)
+    k = _num_classes(run)
+    sweep = {}
+    for lam in lams:
+        imgs, seconds = cached_samples(run, f"sweep_{lam:g}", "multi", "classifier", n, batch_size, seed,
+                                       default_lambdas(k, lam), steps, device, models, resample, log)
+        m, _ = measure(imgs, clfs, zregs)
+        m.pop("heatmap_counts", None)
+        sweep[f"{lam:g}"] = dict(m, sample_seconds=seconds)
+    with open(os.path.join(run, "sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=2)
+    if figures:
+        plot_sweep(sweep, os.path.join(run, "sweep.png"))
+    return sweep
+
+
+def parse_sweep(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--sweep must be comma-separated numbers, e.g. 3.5,10,30,50,75,100; got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise UserError(f"--sweep needs non-negative lambdas, e.g. 3.5,10,30,50,75,100; got {text!r}")
+    return vals
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and CLI hooks (evaluate.py declares the flags and calls main_from_args)
+# ----------------------------------------------------------------------------------------------
+
+def _fmt(v, pct=False, w=12) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return f"{'-':>{w}}"
+    return f"{v:>{w}.1%}" if pct else f"{v:>{w}.3f}"
+
+
+def format_table(metrics: dict, paper=PAPER, first="method") -> str:
+    """One row per method / lambda: n, then MSE, KLD, fractions (per attribute when several)."""
+    any_row = next(iter(metrics.values()))
+    cols = [k for k in any_row if k.startswith(("hist_mse", "hist_kld", "frac_", "z_frac_", "center_"))]
+    short = [c.replace("hist_", "").replace("frac_", "") if len(cols) > 8 else c for c in cols]
+    w = max([12] + [len(c) + 2 for c in short])
+    lines = [f"{first:<10}{'n':>8}" + "".join(f"{c:>{w}}" for c in short) + "   paper (MSE / KLD)"]
+    for name, m in metrics.items():
+        p = paper.get(name) or paper.get(float(name) if _isnum(name) else None)
+        ref = f"{p['hist_mse']:.3g} / {p['hist_kld']:.3g}" if p else "-"
+        lines.append(f"{name:<10}{m['n']:>8d}" + "".join(_fmt(m.get(c), "frac" in c or "center" in c, w)
+                                                        for c in cols) + "   " + ref)
+    return "\n".join(lines)
+
+
+def _isnum(s) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("CelebA runs (evaluate_faces.py)")
+    g.add_argument("--eval-classifier", default=None,
+                   help="evaluation classifier(s) PATH[,PATH2], one per attribute of the run (default: "
+                        "eval_<Attr>.pt beside the run's index list, in the run, or in runs/filter_<Attr>)")
+    g.add_argument("--sweep", default=None, help="§5.3: comma-separated lambdas, e.g. 3.5,10,30,50,75,100; "
+                                                 "only the sweep is run (sweep.json, sweep.png)")
+    g.add_argument("--zreg-steps", type=int, default=None,
+                   help=f"training steps of the stand-in's true-latent regressor (default {ZREG_STEPS}; "
+                        "0: skip it)")
+
+
+FACE_FLAGS = ("eval_classifier", "sweep", "zreg_steps")
+
+
+def main_from_args(a, s, typed, methods, device) -> None:
+    """evaluate.main's CelebA branch: s = SampleConfig, typed = the flags the user gave."""
+    from checkpoint import load_checkpoint
+    import config as C
+    t0 = time.time()
+    smiling = C.from_dict(load_checkpoint(s.run, "ddpm")["config"])["data"].attribute == "Smiling"
+    zreg_steps = ZREG_STEPS if a.zreg_steps is None else a.zreg_steps
+    if zreg_steps < 0:
+        raise UserError("--zreg-steps must be >= 0 (0 skips the true-latent regressor)")
+    if a.sweep is not None:
+        if methods is not None:
+            raise UserError("--sweep runs multi-guidance only; drop --methods")
+        if "lambdas" in typed:
+            raise UserError("--sweep sets lambda for every class; drop --lambdas")
+        res = sweep_run(s.run, parse_sweep(a.sweep), s.n, s.batch_size, s.seed, s.steps or None, device,
+                        a.resample, eval_classifier=a.eval_classifier, zreg_steps=zreg_steps)
+        print(format_table(res, PAPER_SWEEP if smiling else {}, first="lambda"))
+        print(f"swept in {time.time() - t0:.0f} s; wrote sweep.json, sweep.png in {s.run}")
+        return
+    metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas if "lambdas" in typed else None,
+                           s.steps or None, methods, device, a.resample, eval_classifier=a.eval_classifier,
+                           zreg_steps=zreg_steps)
+    print(format_table(metrics, PAPER if smiling else {}))  # the paper's numbers are for Smiling
+    print(f"evaluated in {time.time() - t0:.0f} s; wrote metrics.json, grid_*.png, hist_p.png, "
+          f"grid_mild.png, memorisation*.png/json{', heatmap_2d.png' if 'center_03_07' in metrics['train'] else ''} "
+          f"in {s.run}")
