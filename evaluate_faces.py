@@ -41,6 +41,7 @@ import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, save_atomic, to_uint8
 from evaluate import hist_kld, hist_mse, histogram
+from memorisation import memorisation_report
 
 METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
            "multi_sn": ("multi", "classifier_sn")}
@@ -80,45 +81,6 @@ def center_fraction(p1, p2, lo: float = 0.3, hi: float = 0.7) -> float:
     """Fraction of samples with both probabilities in [lo, hi] (§6: the central square)."""
     p1, p2 = np.asarray(p1), np.asarray(p2)
     return float(((p1 >= lo) & (p1 <= hi) & (p2 >= lo) & (p2 <= hi)).mean()) if len(p1) else float("nan")
-
-
-def nearest(queries: np.ndarray, base: np.ndarray, k: int = 8, chunk: int = 4096):
-    """(distances [Q, k], indices [Q, k]) of the k nearest rows of ``base`` (L2).
-
-    Candidates are found chunk by chunk of ``base`` with float32 cdist (bounded memory at 60k
-    training images of 64 px), then the k kept are re-measured exactly in float64: the
-    matrix-product form of cdist loses ~1e-7 to cancellation, so a copied image reads 0 exactly."""
-    q = np.asarray(queries).reshape(len(queries), -1)
-    b = np.asarray(base).reshape(len(base), -1)
-    k = min(k, len(b))
-    qf = torch.as_tensor(q, dtype=torch.float32)
-    best_d = torch.full((len(q), 0), float("inf"))
-    best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    for s in range(0, len(b), chunk):
-        d = torch.cdist(qf, torch.as_tensor(b[s:s + chunk], dtype=torch.float32))
-        v, j = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-        cand_d, cand_i = torch.cat([best_d, v], 1), torch.cat([best_i, j + s], 1)
-        best_d, o = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False)
-        best_i = cand_i.gather(1, o)
-    q64 = torch.as_tensor(q, dtype=torch.float64)
-    exact = (q64[:, None, :] - torch.as_tensor(b[best_i.numpy()], dtype=torch.float64)).norm(dim=-1)
-    exact, o = exact.sort(dim=1, stable=True)
-    return exact.numpy(), best_i.gather(1, o).numpy()
-
-
-def memorisation(samples_u8, train_u8, k: int = 8, rows: int = 8, features=None):
-    """App. H: the ``rows`` samples closest to the training set and their k nearest training images.
-
-    ``features``: None for pixel space (uint8 / 255), else (sample features, train features).
-    Returns {sample: [r], neighbours: [r, k], distances: [r, k]} (positions in the inputs)."""
-    if features is None:
-        a = np.asarray(samples_u8, dtype=np.float64) / 255.0
-        b = np.asarray(train_u8, dtype=np.float64) / 255.0
-    else:
-        a, b = features
-    d, j = nearest(a, b, k)
-    order = np.argsort(d[:, 0], kind="stable")[:rows]
-    return {"sample": order, "neighbours": j[order], "distances": d[order]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,24 +331,6 @@ def plot_heatmap_2d(counts, attrs, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_memorisation(samples_u8, train_u8, res: dict, path: str, title: str) -> None:
-    plt = _plt()
-    r, k = res["neighbours"].shape
-    fig, axes = plt.subplots(r, k + 1, figsize=(1.2 * (k + 1), 1.35 * r), squeeze=False)
-    for i in range(r):
-        axes[i][0].imshow(samples_u8[res["sample"][i]])
-        axes[i][0].set_title(f"sample {res['sample'][i]}", fontsize=6, color="red")
-        for j in range(k):
-            axes[i][j + 1].imshow(train_u8[res["neighbours"][i, j]])
-            axes[i][j + 1].set_title(f"d={res['distances'][i, j]:.3g}", fontsize=6)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_sweep(sweep: dict, path: str) -> None:
     plt = _plt()
     lams = sorted(sweep, key=float)
@@ -480,7 +424,8 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
             if os.path.exists(os.path.join(run, "grid_mild.png")):  # stale, from earlier samples
                 os.remove(os.path.join(run, "grid_mild.png"))
             log(f"grid_mild.png not written: no {mild_src} sample has 0.4 < p({attrs[0]}) < 0.6")
-        memo = memorisation_report(images[mild_src], train_all[uniq], clfs[0], run, mild_src, memo_rows)
+        memo = memorisation_report(images[mild_src], train_all[uniq], lambda x: batched(clfs[0].features, x),
+                                   run, mild_src, memo_rows)
         metrics[mild_src]["memorisation_min_pixel_l2"] = memo["pixel"]["distances"][0][0]
         metrics[mild_src]["memorisation_min_feature_l2"] = memo["features"]["distances"][0][0]
         if len(clfs) > 1:
@@ -492,25 +437,6 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
         with open(os.path.join(run, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
     return metrics
-
-
-def memorisation_report(samples, train_u8, clf, run, name, rows=8, k=8) -> dict:
-    """memorisation.png (pixel L2), memorisation_features.png (evaluation-classifier features),
-    memorisation.json (sample / neighbour positions and distances)."""
-    out = {}
-    pix = memorisation(samples, train_u8, k, rows)
-    plot_memorisation(samples, train_u8, pix, os.path.join(run, "memorisation.png"),
-                      f"{name}: samples closest to the training set (pixel L2, images in [0,1])")
-    feats = memorisation(samples, train_u8, k, rows, features=(batched(clf.features, samples), batched(clf.features, train_u8)))
-    plot_memorisation(samples, train_u8, feats, os.path.join(run, "memorisation_features.png"),
-                      f"{name}: nearest training images in eval-classifier feature space (L2)")
-    for key, r in (("pixel", pix), ("features", feats)):
-        out[key] = {kk: np.asarray(v).tolist() for kk, v in r.items()}
-    out["method"] = name
-    out["train_images"] = int(len(train_u8))
-    with open(os.path.join(run, "memorisation.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    return out
 
 
 def sweep_run(run, lams, n=256, batch_size=256, seed=0, steps=None, device=None, resample=False,

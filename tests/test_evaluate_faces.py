@@ -11,6 +11,7 @@ import torch
 import data_filter
 import evaluate
 import evaluate_faces as EF
+import memorisation
 import toy_faces
 from checkpoint import UserError
 from conftest import TINY
@@ -59,17 +60,17 @@ def test_memorisation_finds_exact_training_image():
     train = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
     samples = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     samples[3] = train[17]                                        # a memorised sample
-    res = EF.memorisation(samples, train, k=8, rows=2)
+    res = memorisation.memorisation(samples, train, k=8, rows=2)
     assert res["sample"][0] == 3 and res["neighbours"][0, 0] == 17 and res["distances"][0, 0] == 0
     assert res["neighbours"].shape == (2, 8) and np.all(np.diff(res["distances"][0]) >= 0)
     # chunked search (bounded memory) == brute force
-    d, i = EF.nearest(samples, train, k=8, chunk=7)
+    d, i = memorisation.nearest(samples, train, k=8, chunk=7)
     brute = np.sqrt(((samples.reshape(5, 1, -1).astype(float) - train.reshape(1, 30, -1)) ** 2).sum(-1))
     assert np.array_equal(i, np.argsort(brute, 1, kind="stable")[:, :8])
     assert np.allclose(d, np.sort(brute, 1)[:, :8])
     f_tr, f_s = rng.normal(size=(30, 4)), rng.normal(size=(5, 4))
     f_s[1] = f_tr[4]
-    res = EF.memorisation(samples, train, k=3, rows=1, features=(f_s, f_tr))
+    res = memorisation.memorisation(samples, train, k=3, rows=1, features=(f_s, f_tr))
     assert res["sample"][0] == 1 and res["neighbours"][0, 0] == 4 and res["distances"][0, 0] == 0
 
 
