@@ -408,7 +408,7 @@ def main(argv=None):
             st = s["true_latent"][f"k{max(result['lists'])}"][f"class_{c}"]
             print(f"  true z of kept class {c}: [{st['min']:.3f}, {st['max']:.3f}], "
                   f"{st['in_0.3_0.7']} in [0.3, 0.7], {st['in_0.2_0.8']} in [0.2, 0.8]")
-    print(f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
+    print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
     print("wrote " + ", ".join(written) + f", {eval_path(out, args.attribute)}")
 
 

@@ -16,6 +16,18 @@ TINY = ["--image-size", "16", "--model-channels", "8", "--channel-mult", "1,2",
         "--clf-batch-size", "16", "--warmup-steps", "5"]
 
 
+def one_line_error(fn, *words):
+    """Bad input must end in one UserError line that names ``words`` (the problem and the fix)."""
+    from checkpoint import UserError
+    with pytest.raises(UserError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     import train

@@ -10,7 +10,7 @@ from PIL import Image
 
 import celeba
 import toy_faces
-from checkpoint import UserError
+from conftest import one_line_error
 
 N = 40  # toy faces in the fixture: 32 train / 4 valid / 4 test
 SIZE = 32
@@ -22,16 +22,6 @@ def faces(tmp_path):
     d = str(tmp_path / "faces")
     toy_faces.make_toy_faces(d, n=N, seed=0)
     return d
-
-
-def one_line_error(fn, *words):
-    with pytest.raises(UserError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
 
 
 # ----- list files -------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import celeba
 import sample
 import toy_faces
 import train
-from checkpoint import UserError, load_checkpoint
-from conftest import TINY
+from checkpoint import load_checkpoint
+from conftest import TINY, one_line_error
 
 N = 60
 
@@ -26,15 +26,6 @@ def faces(tmp_path_factory):
 def celeba_args(d, out, *extra):
     return (["--dataset", "celeba", "--data-dir", d, "--out", out, "--steps", "3", "--clf-steps", "3",
              "--device", "cpu", "--no-grid"] + TINY + list(extra))
-
-
-def one_line(fn, *words):
-    with pytest.raises(UserError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
 
 
 def test_celeba_run_trains_on_an_index_list_and_samples(faces, tmp_path):
@@ -59,29 +50,29 @@ def test_two_attributes_give_four_corner_classes(faces, tmp_path):
 
 
 def test_celeba_needs_a_data_dir(tmp_path):
-    one_line(lambda: train.main(["--dataset", "celeba", "--out", str(tmp_path / "r"), "--device", "cpu"]),
+    one_line_error(lambda: train.main(["--dataset", "celeba", "--out", str(tmp_path / "r"), "--device", "cpu"]),
              "--data-dir", "toy_faces.py")
 
 
 def test_attribute_with_circles_is_refused(tmp_path):
-    one_line(lambda: train.main(["--dataset", "circles", "--attribute", "Smiling",
+    one_line_error(lambda: train.main(["--dataset", "circles", "--attribute", "Smiling",
                                  "--out", str(tmp_path / "r")]), "--attribute", "celeba")
 
 
 def test_unknown_attribute_lists_the_valid_names(faces, tmp_path):
-    one_line(lambda: train.main(celeba_args(faces, str(tmp_path / "r"), "--attribute", "Smilling")),
+    one_line_error(lambda: train.main(celeba_args(faces, str(tmp_path / "r"), "--attribute", "Smilling")),
              "Smilling", "Smiling")
 
 
-def test_bad_index_list_is_one_line(faces, tmp_path):
+def test_bad_index_list_is_one_line_error(faces, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("0\n99999\n")
-    one_line(lambda: train.main(celeba_args(faces, str(tmp_path / "r"), "--index-list", str(bad))), "99999")
+    one_line_error(lambda: train.main(celeba_args(faces, str(tmp_path / "r"), "--index-list", str(bad))), "99999")
 
 
 def test_celeba_classifier_with_a_circles_ddpm_is_refused(faces, tmp_path, tiny_run):
     out = str(tmp_path / "mixed")
     train.main(celeba_args(faces, out, "--model", "classifier", "--image-size", "16"))
     os.symlink(os.path.join(tiny_run, "ddpm.pt"), os.path.join(out, "ddpm.pt"))
-    one_line(lambda: sample.generate(out, n=2, guidance="multi", device="cpu"), "celeba", "circles",
+    one_line_error(lambda: sample.generate(out, n=2, guidance="multi", device="cpu"), "celeba", "circles",
              "--model classifier --overwrite")

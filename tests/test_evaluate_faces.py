@@ -13,20 +13,9 @@ import evaluate
 import evaluate_faces as EF
 import memorisation
 import toy_faces
-from checkpoint import UserError
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 SIZE = 16
-
-
-def one_line_error(fn, *words):
-    with pytest.raises(UserError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
 
 
 # ----- pure metrics ------------------------------------------------------------------------------

@@ -13,17 +13,7 @@ import celeba
 import data_filter as DF
 import eval_classifier as E
 import toy_faces
-from checkpoint import UserError
-
-
-def one_line_error(fn, *words):
-    with pytest.raises(UserError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
+from conftest import one_line_error
 
 
 # ----- calibration ------------------------------------------------------------------------------

@@ -1,9 +1,6 @@
 """Noise-aware classifier, spectral norm, (multi-)guidance, and the sampling CLI's errors."""
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
