@@ -56,7 +56,8 @@ def arch_of(cfg) -> dict:
 def train_clean_classifier(data, steps: int, batch_size: int, lr: float, seed: int, device,
                            arch: dict, num_classes: int = 2, rows=None, progress: bool = True):
     """Train a clean classifier (t = 0 always) on ``data`` (.images uint8 NHWC, .labels int [N]),
-    or on the positions ``rows`` of it only; return it in eval mode.
+    or on the positions ``rows`` of it only; return it in eval mode. ``num_classes=1`` makes it a
+    regressor instead: float labels, MSE on its single output (the stand-in's true-z proxy).
 
     Cross-entropy, AdamW without weight decay, fp32, warm-up over 5 % of the steps then cosine
     decay (trainer.lr_at). Batches are drawn with replacement; each image is mirrored with
@@ -87,7 +88,8 @@ def train_clean_classifier(data, steps: int, batch_size: int, lr: float, seed: i
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         y = torch.from_numpy(labels[pick]).to(device)
-        loss = F.cross_entropy(model(x, t0), y)
+        out = model(x, t0)
+        loss = F.mse_loss(out[:, 0], y.float()) if num_classes == 1 else F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -158,66 +159,40 @@ def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: 
     attribute, size and steps. Returns a function uint8 NHWC -> predicted z."""
     from celeba import CelebAData
     from classifier import NoisyClassifier
-    from eval_classifier import true_latent
-    from trainer import lr_at
+    from eval_classifier import logits_of, train_clean_classifier, true_latent
     attr, size = clf.attribute, clf.image_size
     if true_latent(data_dir, attr, []) is None:
         return None
     key = {"data_dir": os.path.realpath(data_dir), "attribute": attr, "image_size": size, "steps": steps,
            "arch": clf.arch}
     model = NoisyClassifier(size, 3, 1, **clf.arch)
+
+    def predict(images_u8) -> np.ndarray:
+        return logits_of(model, images_u8, device)[:, 0]
+
     ck = torch.load(path, map_location="cpu", weights_only=False) if path and os.path.isfile(path) else None
     if ck is not None and ck.get("key") == key:
         model.load_state_dict(ck["model"])
-    else:
-        data = CelebAData(data_dir, size, attr, "train", flip=False, cache_dir=cache_dir, progress=progress)
-        z = torch.tensor(true_latent(data_dir, attr, data.files), dtype=torch.float32)
-        model = model.to(device)
-        gen = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        t0 = torch.zeros(batch_size, dtype=torch.long, device=device)
-        model.train()
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, 1e-3, max(1, steps // 20), steps)
-            pick = np.sort(torch.randint(0, len(z), (batch_size,), generator=gen).numpy())
-            x = from_uint8(np.array(data.images[pick]))
-            flip = torch.rand(batch_size, generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-            loss = torch.nn.functional.mse_loss(model(x, t0)[:, 0], z[pick].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
-        quality = {"train_mse": float(loss.detach())}
-        try:  # held-out quality on the test split (the stand-in has true latents for every split)
-            test = CelebAData(data_dir, size, attr, "test", flip=False, cache_dir=cache_dir, progress=progress)
-            zt = true_latent(data_dir, attr, test.files)
-            with torch.inference_mode():
-                pt = torch.cat([model(from_uint8(np.array(test.images[i:i + 256])).to(device),
-                                      torch.zeros(len(test.images[i:i + 256]), dtype=torch.long,
-                                                  device=device))[:, 0].cpu()
-                                for i in range(0, len(test), 256)]).double().numpy()
-            quality.update(test_rmse=float(np.sqrt(np.mean((pt - zt) ** 2))),
-                           test_corr=float(np.corrcoef(pt, zt)[0, 1]), test_n=len(zt))
-        except UserError:
-            pass
-        if path:
-            save_atomic({"kind": "zregressor", "key": key, "quality": quality,
-                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
-        ck = {"quality": quality}
-    model = model.to(device).eval()
-    predict_quality = ck.get("quality", {})
-
-    @torch.inference_mode()
-    def predict(images_u8, batch: int = 256) -> np.ndarray:
-        out = []
-        for i in range(0, len(images_u8), batch):
-            x = from_uint8(np.array(images_u8[i:i + batch])).to(device)
-            out.append(model(x, torch.zeros(len(x), dtype=torch.long, device=device))[:, 0].double().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0)
-    predict.quality = predict_quality
+        model = model.to(device).eval()
+        predict.quality = ck.get("quality", {})
+        return predict
+    data = CelebAData(data_dir, size, attr, "train", flip=False, cache_dir=cache_dir, progress=progress)
+    # The clean-classifier recipe with one output and MSE (eval_classifier.train_clean_classifier).
+    target = SimpleNamespace(images=data.images, labels=true_latent(data_dir, attr, data.files).astype(np.float32))
+    model = train_clean_classifier(target, steps, batch_size, 1e-3, 0, device, clf.arch, num_classes=1,
+                                   progress=progress)
+    quality = {}
+    try:  # held-out quality on the test split (the stand-in has true latents for every split)
+        test = CelebAData(data_dir, size, attr, "test", flip=False, cache_dir=cache_dir, progress=progress)
+        zt, pt = true_latent(data_dir, attr, test.files), predict(test.images)
+        quality = dict(test_rmse=float(np.sqrt(np.mean((pt - zt) ** 2))),
+                       test_corr=float(np.corrcoef(pt, zt)[0, 1]), test_n=len(zt))
+    except UserError:
+        pass
+    if path:
+        save_atomic({"kind": "zregressor", "key": key, "quality": quality,
+                     "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    predict.quality = quality
     return predict
 
 
