@@ -350,6 +350,29 @@ def _attribute_list(attribute) -> tuple[list[str], bool]:
     return list(attribute), False
 
 
+def attribute_slug(attribute: str) -> str:
+    """``attribute`` as a file-name part: ``Blond_Hair/Black_Hair`` -> ``Blond_Hair-vs-Black_Hair``."""
+    return attribute.replace("/", "-vs-").replace(",", "+")
+
+
+def attribute_labels(names: list[str], attrs: np.ndarray, item: str):
+    """(0/1 labels [N], defined [N] bool) of one attribute item over the rows of ``attrs``.
+
+    ``A`` is CelebA's column A (defined everywhere). ``A/B`` is the paper's *A versus B* (§5.4:
+    "Blond_Hair"/"Black_Hair"): label 1 where A = 1 and B = 0, label 0 where A = 0 and B = 1, and
+    undefined where both or neither hold (CelebA's brown- or grey-haired faces: neither class of
+    a blond-vs-black experiment, so they must not be read as class 0)."""
+    parts = [a.strip() for a in item.split("/")]
+    if len(parts) > 2 or not all(parts) or len(set(parts)) != len(parts):
+        raise UserError(f"attribute {item!r}: write one name (Smiling) or two different names A/B "
+                        "(Blond_Hair/Black_Hair: A = class 1 against B = class 0)")
+    a = attrs[:, attribute_index(names, parts[0])].astype(np.int64)
+    if len(parts) == 1:
+        return a, np.ones(len(a), dtype=bool)
+    b = attrs[:, attribute_index(names, parts[1])].astype(np.int64)
+    return a, a != b
+
+
 def corner_classes(labels: np.ndarray) -> np.ndarray:
     """k binary attributes [N, k] -> one of 2^k corner classes (§6, App. F), attribute 1 first:
     class = sum_i (1 - a_i) 2^(k-1-i). For Smiling,Black_Hair: 0 smile+black, 1 smile+not black,
@@ -363,8 +386,10 @@ class CelebAData:
     """CelebA images of one split (optionally an index list of the train split), drawn in
     random batches like ``toy_circles.CirclesData``.
 
+    ``attribute``: a name, ``A/B`` (A against B, only images that are one of them; see
+    ``attribute_labels``) or a comma-separated list of those (§6).
     ``labels``: int64 0/1 of ``attribute`` for the selected images ([N], or [N, k] for a list of
-    k attributes); ``images``: uint8 [N, S, S, 3] rows of the decoded cache (a memmap, or a
+    k attributes); ``index``: their positions in the split (what an index list holds); ``images``: uint8 [N, S, S, 3] rows of the decoded cache (a memmap, or a
     ``RowView`` of it when an index list selects rows); ``files``: their file names."""
 
     def __init__(self, data_dir: str, size: int, attribute, split: str = "train",
@@ -374,19 +399,33 @@ class CelebAData:
         wanted, single = _attribute_list(attribute)
         if not wanted:
             raise UserError(f"no CelebA attribute given; choose from {', '.join(names)}")
-        cols = [attribute_index(names, a) for a in wanted]
+        item_labels = [attribute_labels(names, attrs[rows], a) for a in wanted]  # over the split
+        defined = np.logical_and.reduce([d for _, d in item_labels])
         if index_list is not None and split != "train":
             raise UserError(f"index lists index the train split, but split={split!r}; use "
                             "split='train' with an index list")
         if not len(rows):
             raise UserError(f"the {split} split of {data_dir!r} is empty; check {PARTITION_FILE}")
         # Check the index list before decoding: a bad line should not cost minutes of decoding.
-        self.index = (np.arange(len(rows)) if index_list is None
-                      else read_index_list(index_list, len(rows)))
+        # An A/B attribute keeps only the images that are A or B; a list naming another one is
+        # an error (it was made for another attribute), not an image silently read as class 0.
+        if index_list is None:
+            self.index = np.flatnonzero(defined)
+        else:
+            self.index = read_index_list(index_list, len(rows))
+            bad = self.index[~defined[self.index]]
+            if len(bad):
+                raise UserError(f"index list {index_list}: {len(bad)} image(s), e.g. index "
+                                f"{bad[0]} ({files[rows[bad[0]]]}), are neither or both of "
+                                f"{attribute}; make the list with data_filter.py --attribute "
+                                f"{attribute}")
+        if not len(self.index):
+            raise UserError(f"no image of the {split} split is {attribute}; check the names")
         cache = load_split(data_dir, split, size, files, rows, cache_dir, progress)
-        self.images = cache if index_list is None else RowView(cache, self.index)
+        whole = index_list is None and len(self.index) == len(rows)
+        self.images = cache if whole else RowView(cache, self.index)
         sel = rows[self.index]
-        labels = attrs[sel][:, cols].astype(np.int64)
+        labels = np.stack([lab[self.index] for lab, _ in item_labels], 1)
         self.labels = labels[:, 0] if single else labels
         self.attribute_names = wanted
         self.files = [files[r] for r in sel]
@@ -421,7 +460,7 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True, help="folder with img_align_celeba/ and the lists")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--split", default="train", choices=list(SPLITS))
-    p.add_argument("--attribute", default="Smiling", help="a name or a comma-separated list")
+    p.add_argument("--attribute", default="Smiling", help="a name, A/B (A against B), or a comma-separated list")
     p.add_argument("--index-list", default=None)
     p.add_argument("--cache-dir", default=None)
     a = p.parse_args(argv)

@@ -34,8 +34,9 @@ class DataConfig:
     flip: bool = knob(True, "random horizontal flips x -> S-1-x (circles: the label flips with it)")
     data_dir: str = knob("", "celeba: folder with img_align_celeba/, list_attr_celeba.txt, "
                              "list_eval_partition.txt (or a toy_faces.py stand-in)")
-    attribute: str = knob("", "celeba: the attribute the classifiers learn (Smiling, Young, ...); two "
-                              "names, e.g. Smiling,Black_Hair, give the 4 corner classes of §6")
+    attribute: str = knob("", "celeba: the attribute the classifiers learn (Smiling, Young, ...), or "
+                              "A/B for A against B (Blond_Hair/Black_Hair, §5.4); two of them, e.g. "
+                              "Smiling,Black_Hair, give the 4 corner classes of §6")
     index_list: str = knob("", "celeba: train only on these train-split indices, one 0-based index per "
                                "line (data_filter.py's index.txt; the authors' lists work as they are)")
     cache_dir: str = knob("", "celeba: folder for the decoded uint8 cache (default: beside the data)")

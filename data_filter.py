@@ -2,6 +2,7 @@
 
     python data_filter.py --data-dir data/toy_faces --attribute Smiling
     python data_filter.py --data-dir DIR --attribute Young --k-per-class 7000,15000 --oversample 2,1
+    python data_filter.py --data-dir DIR --attribute Blond_Hair/Black_Hair   # §5.4: blond vs black
 
 Three stages, all on the train split (labels y = CelebA's 0/1 for the attribute):
   (a) a clean classifier p_theta trained on every train image; keep x when p_theta(y | x) > tau1,
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="§6: write the sorted intersection of two index lists to --out-list and exit "
                         "(e.g. the Smiling and Black_Hair lists, for a two-attribute run)")
     p.add_argument("--out-list", default=None, metavar="C.txt", help="output of --intersect")
-    p.add_argument("--attribute", default="Smiling", help="one CelebA attribute, e.g. Smiling, Young")
+    p.add_argument("--attribute", default="Smiling", help="one CelebA attribute, e.g. Smiling, Young, or A/B for "
+                   "A against B, e.g. Blond_Hair/Black_Hair (§5.4: faces with neither are left out)")
     p.add_argument("--out", default=None, help="output folder (default runs/filter_<attribute>)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="default: paper on CUDA, cpu otherwise")
@@ -361,7 +363,7 @@ def intersect_lists(a: str, b: str, out: str) -> np.ndarray:
 
 
 def main(argv=None):
-    from celeba import CelebAData
+    from celeba import CelebAData, attribute_slug
     args = build_parser().parse_args(argv)
     if args.intersect is not None:
         lists = [p.strip() for p in args.intersect.split(",") if p.strip()]
@@ -380,7 +382,7 @@ def main(argv=None):
     overrides = C.overrides_from_args(args, [FilterConfig, SelectConfig])
     fcfg, scfg = make_configs(preset, **overrides)
     check_select(scfg)
-    out = args.out or os.path.join("runs", f"filter_{args.attribute}")
+    out = args.out or os.path.join("runs", f"filter_{attribute_slug(args.attribute)}")
     progress = not args.quiet
     data = CelebAData(args.data_dir, fcfg.image_size, args.attribute, "train", progress=progress)
     ensure_writable_dir(out)

@@ -46,7 +46,8 @@ EVAL_SEED_OFFSET = 100   # the eval classifier's seed differs from the filter cl
 
 
 def eval_path(filter_dir: str, attribute: str) -> str:
-    return os.path.join(filter_dir, f"eval_{attribute}.pt")
+    from celeba import attribute_slug
+    return os.path.join(filter_dir, f"eval_{attribute_slug(attribute)}.pt")
 
 
 def arch_of(cfg) -> dict:
@@ -189,7 +190,9 @@ def ece(probs, labels, bins: int = 15) -> float:
 
 def true_latent(data_dir: str, attribute: str, files) -> np.ndarray | None:
     """The true z of ``files`` (oriented: 1 <-> attribute = 1) when ``data_dir`` is the toy_faces
-    stand-in (it has latents.csv) and the attribute has a latent; else None."""
+    stand-in (it has latents.csv) and the attribute has a latent; else None. For ``A/B`` the
+    label is A's, so is the latent."""
+    attribute = attribute.split("/")[0].strip()
     if attribute not in LATENT_OF or not os.path.isfile(os.path.join(data_dir, "latents.csv")):
         return None
     from toy_faces import read_latents

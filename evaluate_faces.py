@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, save_atomic, to_uint8
+from celeba import CelebAData, attribute_slug
+from eval_classifier import EvalClassifier, eval_path, logits_of, train_clean_classifier, true_latent
 from evaluate import hist_kld, hist_mse, histogram
 from memorisation import memorisation_report
 
@@ -108,10 +110,11 @@ def find_eval_classifiers(run: str, cfg, explicit: str | None = None) -> list[st
     index_dir = os.path.dirname(cfg["data"].index_list) if cfg["data"].index_list else None
     out = []
     for a in attrs:
-        places = ([index_dir] if index_dir is not None else []) + [run, os.path.join("runs", f"filter_{a}")]
-        found = [os.path.join(d, f"eval_{a}.pt") for d in places if os.path.isfile(os.path.join(d, f"eval_{a}.pt"))]
+        name = os.path.basename(eval_path(".", a))
+        places = ([index_dir] if index_dir is not None else []) + [run, os.path.join("runs", f"filter_{attribute_slug(a)}")]
+        found = [os.path.join(d, name) for d in places if os.path.isfile(os.path.join(d, name))]
         if not found:
-            raise UserError(f"no evaluation classifier eval_{a}.pt for {run} (looked in "
+            raise UserError(f"no evaluation classifier {name} for {run} (looked in "
                             f"{', '.join(places)}); run python data_filter.py --data-dir "
                             f"{cfg['data'].data_dir} --attribute {a} or pass --eval-classifier PATH")
         out.append(found[0])
@@ -120,7 +123,6 @@ def find_eval_classifiers(run: str, cfg, explicit: str | None = None) -> list[st
 
 def load_eval_classifiers(run: str, cfg, device, explicit: str | None = None) -> list:
     """EvalClassifiers in the run's attribute order; checks attribute and image size."""
-    from eval_classifier import EvalClassifier
     attrs = run_attributes(cfg)
     clfs = []
     for p in find_eval_classifiers(run, cfg, explicit):
@@ -142,7 +144,6 @@ def load_eval_classifiers(run: str, cfg, device, explicit: str | None = None) ->
 
 def train_images(cfg, progress: bool = False):
     """(uint8 images of the run's training set in index-list order, incl. repeats; unique positions)."""
-    from celeba import CelebAData
     d = cfg["data"]
     data = CelebAData(d.data_dir, d.image_size, d.attribute, "train", d.index_list or None, flip=False,
                       cache_dir=d.cache_dir or None, progress=progress)
@@ -157,9 +158,7 @@ def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: 
     the clean-classifier architecture with one output, trained with MSE on the true z of every
     train image; cached at ``path`` (default beside the evaluation classifier) for this data folder,
     attribute, size and steps. Returns a function uint8 NHWC -> predicted z."""
-    from celeba import CelebAData
     from classifier import NoisyClassifier
-    from eval_classifier import logits_of, train_clean_classifier, true_latent
     attr, size = clf.attribute, clf.image_size
     if true_latent(data_dir, attr, []) is None:
         return None
@@ -334,9 +333,9 @@ def _setup(run, device, eval_classifier, zreg_steps, log):
     clfs = load_eval_classifiers(run, cfg, device, eval_classifier)
     zregs = []
     for c in clfs:
-        zp = os.path.join(os.path.dirname(os.path.abspath(c.path)), f"zreg_{c.attribute}.pt")
+        zp = os.path.join(os.path.dirname(os.path.abspath(c.path)), f"zreg_{attribute_slug(c.attribute)}.pt")
         if not os.access(os.path.dirname(zp), os.W_OK):
-            zp = os.path.join(run, f"zreg_{c.attribute}.pt")
+            zp = os.path.join(run, f"zreg_{attribute_slug(c.attribute)}.pt")
         zr = zregressor(c, cfg["data"].data_dir, device, zreg_steps, cache_dir=cfg["data"].cache_dir or None,
                         path=zp) if zreg_steps > 0 else None
         if zr is not None:

@@ -20,7 +20,8 @@ loss curve ``loss_<model>.png``; the DDPM also ends with a grid of 64 EMA sample
 
 CelebA (§5): ``--dataset celeba --data-dir DIR --attribute Smiling --index-list FILE`` trains on
 the images of the train split that ``data_filter.py`` kept (its index.txt); two attributes
-(``--attribute Smiling,Black_Hair``, §6) give the classifiers the four corner classes.
+(``--attribute Smiling,Black_Hair``, §6) give the classifiers the four corner classes;
+``--attribute Blond_Hair/Black_Hair`` is blond against black hair (§5.4, brown faces left out).
 
 Several processes: ``torchrun --nproc_per_node=N train.py ...`` (DDP, see trainer.py).
 """

@@ -126,6 +126,45 @@ def test_index_list_selects_exactly_those_files(faces, tmp_path):
     assert np.array_equal(celeba.read_index_list(str(out), 32), [3, 0, 31, 17])
 
 
+def _set_attribute(data_dir, name, rows, value):
+    """Rewrite list_attr_celeba.txt with attribute ``name`` = value (0/1) on ``rows``."""
+    path = os.path.join(data_dir, "list_attr_celeba.txt")
+    lines = open(path).read().splitlines()
+    col = lines[1].split().index(name) + 1
+    for r in rows:
+        cells = lines[2 + r].split()
+        cells[col] = "1" if value else "-1"
+        lines[2 + r] = " ".join(cells)
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def test_versus_attribute_keeps_only_the_two_classes(faces, tmp_path):
+    """§5.4 blond vs black: A/B keeps A-not-B (1) and B-not-A (0); brown (neither) and both go."""
+    _set_attribute(faces, "Blond_Hair", [2, 5], 0)       # neither blond nor black: brown
+    _set_attribute(faces, "Black_Hair", [2, 5], 0)
+    _set_attribute(faces, "Blond_Hair", [7], 1)          # both (contradictory labels)
+    _set_attribute(faces, "Black_Hair", [7], 1)
+    d = celeba.CelebAData(faces, SIZE, "Blond_Hair/Black_Hair", progress=False)
+    _, _, attrs = celeba.read_attributes(faces)
+    keep = [i for i in range(32) if i not in (2, 5, 7)]
+    blond = attrs[:, toy_faces.CELEBA_ATTRIBUTES.index("Blond_Hair")]
+    assert list(d.index) == keep and np.array_equal(d.labels, blond[keep])
+    assert 0 < d.labels.sum() < len(d) and len(d.images) == 29
+    assert np.array_equal(d.images[3], celeba.CelebAData(faces, SIZE, "Smiling", progress=False).images[4])
+    two = celeba.CelebAData(faces, SIZE, "Smiling,Blond_Hair/Black_Hair", progress=False)
+    assert list(two.index) == keep and two.labels.shape == (29, 2)
+    lst = tmp_path / "l.txt"
+    lst.write_text("0\n5\n")
+    one_line_error(lambda: celeba.CelebAData(faces, SIZE, "Blond_Hair/Black_Hair",
+                                             index_list=str(lst), progress=False),
+                   "index 5", "000006.jpg", "neither or both", "--attribute Blond_Hair/Black_Hair")
+    for bad, words in (("Blond_Hair/Blond_Hair", ("two different names",)),
+                       ("Blond_Hair/Brown/Black_Hair", ("two different names",)),
+                       ("Blond_Hair/Red_Hair", ("unknown CelebA attribute 'Red_Hair'",))):
+        one_line_error(lambda: celeba.CelebAData(faces, SIZE, bad, progress=False), *words)
+    assert celeba.attribute_slug("Blond_Hair/Black_Hair") == "Blond_Hair-vs-Black_Hair"
+
+
 # ----- the decoded cache ------------------------------------------------------------------------
 
 def _count_decodes(monkeypatch, fail=False):

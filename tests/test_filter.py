@@ -249,13 +249,39 @@ def test_filter_command_end_to_end(tiny_filter):
     assert "corr_true_z" in s["eval_classifier"] and "true_latent" in s
 
 
+def test_filter_blond_versus_black_skips_the_other_hair(tmp_path):
+    """§5.4 hair: --attribute Blond_Hair/Black_Hair ranks blond (1) against black (0) only; a face
+    with neither label (brown) is in no list, and the indices still index the whole train split."""
+    faces, out = str(tmp_path / "faces"), str(tmp_path / "out")
+    toy_faces.make_toy_faces(faces, n=400, seed=1)
+    path = os.path.join(faces, "list_attr_celeba.txt")
+    lines = open(path).read().splitlines()
+    cols = [lines[1].split().index(a) + 1 for a in ("Blond_Hair", "Black_Hair")]
+    brown = list(range(0, 300, 7))                      # train rows relabelled: neither colour
+    for r in brown:
+        cells = lines[2 + r].split()
+        for c in cols:
+            cells[c] = "-1"
+        lines[2 + r] = " ".join(cells)
+    open(path, "w").write("\n".join(lines) + "\n")
+    DF.main(["--data-dir", faces, "--attribute", "Blond_Hair/Black_Hair", "--out", out, "--k", "20"] + TINY)
+    kept = celeba.read_index_list(os.path.join(out, "index.txt"), toy_faces.split_sizes(400)[0])
+    assert len(kept) == 20 and not set(kept) & set(brown)
+    _, _, attrs = celeba.read_attributes(faces)
+    blond = attrs[kept, toy_faces.CELEBA_ATTRIBUTES.index("Blond_Hair")]
+    assert blond.sum() == 10     # 10 blond, 10 black, read back through the authors' format
+    clf = E.EvalClassifier.load(os.path.join(out, "eval_Blond_Hair-vs-Black_Hair.pt"))
+    assert clf.attribute == "Blond_Hair/Black_Hair" and "corr_true_z" in clf.metrics
+
+
 def test_eval_classifier_checkpoint(tiny_filter):
     faces, out = tiny_filter
     path = E.eval_path(out, "Smiling")
     clf = E.EvalClassifier.load(path)
     assert clf.attribute == "Smiling" and clf.image_size == 16 and clf.temperature > 0
     assert set(clf.metrics) >= {"T", "ece_before", "ece_after", "nll_before", "nll_after",
-                                "valid_accuracy", "corr_true_z"}
+                                "valid_accuracy", "corr_true_z", "ece_test_before",
+                                "ece_test_after", "test_accuracy"}
     assert clf.metrics["nll_after"] <= clf.metrics["nll_before"] + 1e-12  # T minimises valid NLL
     valid = celeba.CelebAData(faces, 16, "Smiling", "valid", progress=False)
     # T was fitted on the valid split (not on train, as the authors' smile script does).
