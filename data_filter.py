@@ -57,8 +57,8 @@ class FilterConfig:
     image_size: int = knob(32, "image side in pixels of every classifier (paper: 64)")
     steps: int = knob(400, "training steps of the stage (a) classifier (all train images)")
     ensemble_steps: int = knob(300, "training steps of each ensemble member (stage b)")
-    eval_steps: int = knob(3000, "training steps of the evaluation classifier (stage c, §5); long "
-                           "enough to over-fit a little, so temperature scaling has work to do")
+    eval_steps: int = knob(800, "training steps of the evaluation classifier (stage c, §5); longer "
+                           "makes it over-confident but a worse ranker (eval_classifier.py)")
     batch_size: int = knob(64, "batch size of every classifier")
     lr: float = knob(1e-3, "peak learning rate (AdamW, 5% warm-up, cosine decay)")
     clf_channels: int = knob(16, "base width of the clean classifiers (NoisyClassifier at t = 0)")

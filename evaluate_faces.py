@@ -21,13 +21,15 @@ reference. Per row and attribute, on the p of every image:
                        every train image of toy_faces), cached as ``<eval classifier dir>/zreg_<Attr>.pt``.
 With two attributes (§6, 4 corner classes) the keys carry the attribute (``hist_mse_Smiling``) and
 each row also has ``center_03_07`` (both p in [0.3, 0.7]) and ``heatmap_counts`` (20 x 20 counts
-of (p_1, p_2), rows = p_1 bins).
+of (p_1, p_2), rows = p_1 bins); on the stand-in also ``z_center_03_07`` and ``z_heatmap_counts``,
+the same for the two regressed true latents.
 
 Files in the run: metrics.json {row: {metric: value}}, eval_<method>.npz (sample cache),
 grid_<row>.png, hist_p.png (Fig. 5 style), grid_mild.png (multi samples with 0.4 < p < 0.6,
 Fig. 4/8), memorisation.png / memorisation_features.png / memorisation.json (App. H: the samples
 closest to the training set beside their 8 nearest training images, pixel L2 and L2 between
-evaluation-classifier features; the paper used CLIP embeddings), heatmap_2d.png (§6, Fig. 9).
+evaluation-classifier features; the paper used CLIP embeddings), heatmap_2d.png (§6, Fig. 9) and,
+on the stand-in, heatmap_2d_z.png (the same in true-latent proxies).
 --sweep writes sweep.json, sweep.png and eval_sweep_<lambda>.npz only.
 """
 from __future__ import annotations
@@ -239,7 +241,7 @@ def batched(fn, images, chunk: int = 4096) -> np.ndarray:
 
 def measure(images, clfs, zregs) -> tuple[dict, dict]:
     """(metrics, {attribute: p}) of uint8 images under the evaluation classifiers."""
-    probs, m = {}, {"n": int(len(images))}
+    probs, zs, m = {}, [], {"n": int(len(images))}
     two = len(clfs) > 1
     for c, zr in zip(clfs, zregs):
         p = batched(c.prob, images)
@@ -248,12 +250,17 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
         m.update({k + sfx: v for k, v in p_metrics(p).items()})
         if zr is not None:
             z = zr(images)
+            zs.append(z)
             m["z_frac_03_07" + sfx] = frac_in(z, 0.3, 0.7)
             m["z_frac_04_06" + sfx] = frac_in(z, 0.4, 0.6)
     if two:
         a, b = (probs[c.attribute] for c in clfs[:2])
         m["center_03_07"] = center_fraction(a, b)
         m["heatmap_counts"] = hist2d(a, b).tolist()
+        if len(zs) >= 2:  # the same square in the stand-in's true latents (regressor proxy)
+            za, zb = zs[:2]
+            m["z_center_03_07"] = center_fraction(za, zb)
+            m["z_heatmap_counts"] = hist2d(za, zb).tolist()
     return m, probs
 
 
@@ -404,9 +411,13 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
         metrics[mild_src]["memorisation_min_feature_l2"] = memo["features"]["distances"][0][0]
         if len(clfs) > 1:
             for m in probs:
-                plot_heatmap_2d(metrics[m]["heatmap_counts"], attrs,
-                                os.path.join(run, "heatmap_2d.png" if m == "multi" else f"heatmap_2d_{m}.png"),
+                sfx = "" if m == "multi" else f"_{m}"
+                plot_heatmap_2d(metrics[m]["heatmap_counts"], attrs, os.path.join(run, f"heatmap_2d{sfx}.png"),
                                 f"{m}: central square {metrics[m]['center_03_07']:.1%}")
+                if "z_heatmap_counts" in metrics[m]:
+                    plot_heatmap_2d(metrics[m]["z_heatmap_counts"], [f"true z of {a}" for a in attrs],
+                                    os.path.join(run, f"heatmap_2d_z{sfx}.png"),
+                                    f"{m}, true-z proxy: central square {metrics[m]['z_center_03_07']:.1%}")
     if write_metrics:
         with open(os.path.join(run, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -426,6 +437,7 @@ def sweep_run(run, lams, n=256, batch_size=256, seed=0, steps=None, device=None,
                                        default_lambdas(k, lam), steps, device, models, resample, log)
         m, _ = measure(imgs, clfs, zregs)
         m.pop("heatmap_counts", None)
+        m.pop("z_heatmap_counts", None)
         sweep[f"{lam:g}"] = dict(m, sample_seconds=seconds)
     with open(os.path.join(run, "sweep.json"), "w") as f:
         json.dump(sweep, f, indent=2)

@@ -158,7 +158,10 @@ def test_two_attributes_heatmap(face_runs):
         assert h.shape == (20, 20) and h.sum() == row["n"]
         assert 0 <= row["center_03_07"] <= 1
         assert np.isfinite(row["hist_kld_Smiling"]) and np.isfinite(row["hist_kld_Black_Hair"])
-    assert os.path.exists(os.path.join(run, "heatmap_2d.png"))
+        z = np.array(row["z_heatmap_counts"])   # the stand-in: the same in regressed true latents
+        assert z.shape == (20, 20) and z.sum() == row["n"] and 0 <= row["z_center_03_07"] <= 1
+    for f in ("heatmap_2d.png", "heatmap_2d_z.png", "heatmap_2d_uncond.png", "heatmap_2d_z_train.png"):
+        assert os.path.exists(os.path.join(run, f)), f
 
 
 def test_errors(face_runs, tmp_path):
