@@ -296,13 +296,13 @@ def plot_hist_p(probs: dict, metrics: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_heatmap_2d(counts, attrs, path: str, title: str = "") -> None:
-    """§6, Fig. 9: log counts of (p_1, p_2) on a 20 x 20 grid."""
+def plot_heatmap_2d(counts, attrs, path: str, title: str = "", quantity: str = "p") -> None:
+    """§6, Fig. 9: log counts of (p_1, p_2) (or of another ``quantity`` in [0, 1]) on a 20 x 20 grid."""
     plt = _plt()
     c = np.asarray(counts, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(4.6, 4))
     im = ax.imshow(np.log10(c + 1), origin="lower", extent=[0, 1, 0, 1], cmap="viridis")
-    ax.set(ylabel=f"p({attrs[0]})", xlabel=f"p({attrs[1]})", title=title or "log10(1 + count)")
+    ax.set(ylabel=f"{quantity}({attrs[0]})", xlabel=f"{quantity}({attrs[1]})", title=title or "log10(1 + count)")
     for v in (0.3, 0.7):
         ax.axhline(v, color="w", lw=0.6, ls="--")
         ax.axvline(v, color="w", lw=0.6, ls="--")
@@ -415,9 +415,9 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
                 plot_heatmap_2d(metrics[m]["heatmap_counts"], attrs, os.path.join(run, f"heatmap_2d{sfx}.png"),
                                 f"{m}: central square {metrics[m]['center_03_07']:.1%}")
                 if "z_heatmap_counts" in metrics[m]:
-                    plot_heatmap_2d(metrics[m]["z_heatmap_counts"], [f"true z of {a}" for a in attrs],
-                                    os.path.join(run, f"heatmap_2d_z{sfx}.png"),
-                                    f"{m}, true-z proxy: central square {metrics[m]['z_center_03_07']:.1%}")
+                    plot_heatmap_2d(metrics[m]["z_heatmap_counts"], attrs, os.path.join(run, f"heatmap_2d_z{sfx}.png"),
+                                    f"{m}, true-z proxy: central square {metrics[m]['z_center_03_07']:.1%}",
+                                    quantity="regressed true z")
     if write_metrics:
         with open(os.path.join(run, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -528,5 +528,5 @@ def main_from_args(a, s, typed, methods, device) -> None:
                            zreg_steps=zreg_steps)
     print(format_table(metrics, PAPER if smiling else {}))  # the paper's numbers are for Smiling
     print(f"evaluated in {time.time() - t0:.0f} s; wrote metrics.json, grid_*.png, hist_p.png, "
-          f"grid_mild.png, memorisation*.png/json{', heatmap_2d.png' if 'center_03_07' in metrics['train'] else ''} "
+          f"grid_mild.png, memorisation*.png/json{', heatmap_2d*.png' if 'center_03_07' in metrics['train'] else ''} "
           f"in {s.run}")
