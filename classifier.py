@@ -54,14 +54,15 @@ class NoisyClassifier(nn.Module):
                  clf_channel_mult=ClassifierConfig.clf_channel_mult,
                  clf_res_blocks=ClassifierConfig.clf_res_blocks,
                  clf_attention_resolutions=ClassifierConfig.clf_attention_resolutions,
-                 head_channels=32, spectral_norm_scale: float | None = None):
+                 head_channels=32, spectral_norm_scale: float | None = None,
+                 antialias: bool = ClassifierConfig.clf_antialias):
         super().__init__()
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         ch = clf_channels
         self.time_embed = TimeEmbedding(ch)
         self.down, _, cur, res = build_encoder(channels, ch, clf_channel_mult, clf_res_blocks,
                                                clf_attention_resolutions, head_channels, 0.0,
-                                               image_size)
+                                               image_size, antialias)
         self.middle = Sequence([ResBlock(cur, cur, 4 * ch), AttentionBlock(cur, head_channels),
                                 ResBlock(cur, cur, 4 * ch)])
         self.head = nn.Sequential(norm(cur), nn.SiLU(), AttentionPool(res, cur, num_classes, head_channels))
@@ -75,7 +76,8 @@ class NoisyClassifier(nn.Module):
                    num_classes=num_classes, clf_channels=clf_cfg.clf_channels,
                    clf_channel_mult=clf_cfg.clf_channel_mult, clf_res_blocks=clf_cfg.clf_res_blocks,
                    clf_attention_resolutions=clf_cfg.clf_attention_resolutions,
-                   spectral_norm_scale=clf_cfg.sn_scale if spectral else None)
+                   spectral_norm_scale=clf_cfg.sn_scale if spectral else None,
+                   antialias=clf_cfg.clf_antialias)
 
     def forward(self, x, t):
         emb = self.time_embed(t)

@@ -72,6 +72,9 @@ class ClassifierConfig:
     clf_lr: float = knob(3e-4, "classifier peak learning rate")
     clf_batch_size: int = knob(64, "classifier batch size")
     sn_scale: float = knob(2.0, "Lipschitz bound of each layer of the spectral-norm twin (§5.5)")
+    # False is also what a checkpoint written before this option existed gets (config.from_dict).
+    clf_antialias: bool = knob(False, "blur before every stride-2 downsampling of the classifier "
+                               "(unet.Downsample): no preference for even columns")
 
 
 @dataclass

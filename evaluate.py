@@ -31,7 +31,8 @@ only (``hist_n`` of them; NaN when there are none):
   KLD   = KL(h || U) = sum_i h_i log(h_i n), empty bins contributing 0.
 
 metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
-middle_of_detected, hist_n, hist_mse, hist_kld, column_counts {centre column: samples},
+middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_n (period-2 and period-4
+strength of the middle columns, see comb_strength), column_counts {centre column: samples},
 sample_seconds}}, fractions in [0, 1].
 """
 from __future__ import annotations
@@ -176,6 +177,26 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
     return images, seconds, False
 
 
+def comb_strength(columns, period: int) -> float:
+    """How much a histogram of integer disc columns oscillates with ``period`` pixels: the modulus
+    of its discrete Fourier coefficient at frequency 1/period, divided by the count,
+        |sum_x n_x exp(-2 pi i x / period)| / sum_x n_x   in [0, 1].
+    1: every disc sits on the same column modulo ``period``; a smooth histogram spread over
+    many periods gives ~0 (plus sampling noise of order 1/sqrt(count)). Two stride-2
+    downsamplings in a classifier can prefer columns modulo 2 and 4 (issue: the "comb")."""
+    x = np.asarray(columns, dtype=np.float64)
+    if not len(x):
+        return float("nan")
+    return float(abs(np.exp(-2j * np.pi * x / period).sum()) / len(x))
+
+
+def middle_comb(columns, size: int, lo: float = 0.2, hi: float = 0.8) -> dict:
+    """comb_2 and comb_4 of the columns inside the unseen middle z in [lo, hi] (NaN if none)."""
+    c = np.asarray(columns)
+    c = c[(c >= lo * (size - 1)) & (c <= hi * (size - 1))]
+    return {"comb_2": comb_strength(c, 2), "comb_4": comb_strength(c, 4), "comb_n": int(len(c))}
+
+
 def summarize(images) -> dict:
     """circle_stats plus the histogram metrics of the one-disc z (NaN if there is none: an empty
     histogram would otherwise score a perfect-looking KLD of 0)."""
@@ -183,6 +204,7 @@ def summarize(images) -> dict:
     h = histogram(s["z"])
     empty = s["hist_n"] == 0
     s.update(hist_mse=float("nan") if empty else hist_mse(h), hist_kld=float("nan") if empty else hist_kld(h))
+    s.update(middle_comb(s["columns"], images.shape[2]))
     return s
 
 

@@ -75,11 +75,28 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 conv. With ``antialias`` a fixed binomial low-pass ([1, 2, 1]/4 in each
+    direction, per channel) runs first (Zhang, 2019, "Making convolutional networks shift-invariant
+    again"): a bare stride-2 conv samples every other pixel, so its output depends on the input's
+    position modulo 2 (modulo 4 after two of them) and a classifier built on it can prefer some
+    columns over their neighbours; blurring first removes the frequencies that alias. Since both
+    are convolutions, blur-then-strided-conv equals conv-then-blur-then-subsample (BlurPool).
+    The kernel is a constant, not a parameter: spectral normalisation leaves it alone and its
+    gain is 1 (its weights are positive and sum to 1), so no Lipschitz bound changes."""
+
+    def __init__(self, ch: int, antialias: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.antialias = antialias
+        if antialias:
+            k = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("blur", (k[:, None] * k[None, :] / 16).expand(ch, 1, 3, 3).clone(),
+                                 persistent=False)
 
     def forward(self, x, emb=None):
+        if self.antialias:
+            # Replicate padding: zero padding would darken the border and make it an edge.
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.blur, groups=x.shape[1])
         return self.conv(x)
 
 
@@ -111,7 +128,7 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.ch).to(self.mlp[0].weight.dtype))
 
 
-def build_encoder(in_ch, ch, mult, n_res, attn_res, head_ch, dropout, image_size):
+def build_encoder(in_ch, ch, mult, n_res, attn_res, head_ch, dropout, image_size, antialias=False):
     """Input conv + per-resolution [ResBlock (+Attention)] x n_res + Downsample; returns the
     block list and the channel count of every skip connection (for the decoder)."""
     emb_dim = 4 * ch
@@ -126,7 +143,7 @@ def build_encoder(in_ch, ch, mult, n_res, attn_res, head_ch, dropout, image_size
             blocks.append(Sequence(layers))
             skips.append(cur)
         if level != len(mult) - 1:
-            blocks.append(Sequence([Downsample(cur)]))
+            blocks.append(Sequence([Downsample(cur, antialias)]))
             skips.append(cur)
             res //= 2
     return blocks, skips, cur, res

@@ -1,6 +1,7 @@
 """The §5.5 table over DDPM seeds x classifier seeds: mean ± std per method, leakage per DDPM seed.
 
     python bench/circles_table.py [--root runs/table] [--ddpm-seeds 0,1,2] [--clf-seeds 1,2] [--n 512]
+    python bench/circles_table.py --antialias     # the same DDPMs, anti-aliased classifiers
 
 Trains what is missing (cpu preset, ``train.py --seed s``), one directory per model seed:
   <root>/ddpm_seed<s>/ddpm.pt            the DDPM of seed s
@@ -11,7 +12,8 @@ then samples --n images per method with evaluate.py (cached in each directory) a
     samples) and *where* the leaking discs sit: centre columns just past a band edge vs deep in
     the middle;
   * per method: mean ± std over all (DDPM seed, classifier seed) pairs of accuracy, blob, zero,
-    two-or-more and zero-or-two rates, histogram MSE / KLD (with the histogram's n).
+    two-or-more and zero-or-two rates, histogram MSE / KLD (with the histogram's n), and the comb
+    strength of the middle columns (evaluate.comb_strength, period 2 and 4; ~0 when smooth).
 The paper reports mean ± std over 10 classifiers on one DDPM (78 % ± 8.7 % plain, 75 % ± 13.3 %
 spectral norm). Wall time is printed beside the fp32 matmul GFLOP/s measured in the same run.
 """
@@ -30,24 +32,24 @@ from toy_circles import band_positions  # noqa: E402
 from train_speed import matmul_peak  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 KEYS = ["accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two", "hist_mse",
-        "hist_kld", "hist_n"]
+        "hist_kld", "hist_n", "comb_2", "comb_4"]
 PCT = {"accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two"}
 
 
-def ensure_trained(out, model, seed):
+def ensure_trained(out, model, seed, extra=()):
     names = {"ddpm": ["ddpm.pt"], "classifier": ["classifier.pt", "classifier_sn.pt"]}[model]
     if all(os.path.exists(os.path.join(out, n)) for n in names):
         return
     resume = ["--resume"] if any(os.path.exists(os.path.join(out, n)) for n in names) else []
     train.main(["--dataset", "circles", "--model", model, "--seed", str(seed), "--out", out,
-                "--no-grid"] + resume)
+                "--no-grid"] + resume + list(extra))
 
 
-def link_pair(root, s, c):
-    pair = os.path.join(root, f"pair_d{s}_c{c}")
+def link_pair(root, s, c, tag=""):
+    pair = os.path.join(root, f"pair_d{s}_c{c}{tag}")
     os.makedirs(pair, exist_ok=True)
-    for name, src in (("ddpm.pt", f"ddpm_seed{s}"), ("classifier.pt", f"clf_seed{c}"),
-                      ("classifier_sn.pt", f"clf_seed{c}")):
+    for name, src in (("ddpm.pt", f"ddpm_seed{s}"), ("classifier.pt", f"clf_seed{c}{tag}"),
+                      ("classifier_sn.pt", f"clf_seed{c}{tag}")):
         link = os.path.join(pair, name)
         if not os.path.lexists(link):
             os.symlink(os.path.join("..", src, name), link)
@@ -82,7 +84,11 @@ def main():
     p.add_argument("--clf-seeds", default="1,2")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--lambdas", default="30,30")
+    p.add_argument("--antialias", action="store_true",
+                   help="classifiers with a blur before each stride-2 downsampling (clf_seed<c>_aa/, "
+                        "pair_d<s>_c<c>_aa/; the DDPMs and their unguided samples are shared)")
     a = p.parse_args()
+    tag, extra = ("_aa", ["--clf-antialias"]) if a.antialias else ("", [])
     pick_device("cpu")
     ds = [int(s) for s in a.ddpm_seeds.split(",")]
     cs = [int(c) for c in a.clf_seeds.split(",")]
@@ -91,7 +97,7 @@ def main():
     for s in ds:
         ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s)
     for c in cs:
-        ensure_trained(os.path.join(a.root, f"clf_seed{c}"), "classifier", c)
+        ensure_trained(os.path.join(a.root, f"clf_seed{c}{tag}"), "classifier", c, extra)
     t_train = time.time() - t0
 
     rows = {"uncond": [], "multi": [], "multi_sn": []}
@@ -109,7 +115,7 @@ def main():
                        "leak_near_band_edge": sum(v for x, v in cols.items() if x in edge),
                        "leak_deep_middle": sum(v for x, v in cols.items() if x not in edge)}
         for c in cs:
-            pair = link_pair(a.root, s, c)
+            pair = link_pair(a.root, s, c, tag)
             mm = evaluate.evaluate_run(pair, a.n, lambdas=a.lambdas, methods=("multi", "multi_sn"),
                                        figures=False, log=lambda *_: None)
             for k in ("multi", "multi_sn"):
@@ -135,9 +141,9 @@ def main():
         print(f"{name:<9}{len(rs):>6}" + "".join(f"{fmt(k, v):>17}" for k, v in vals.items()))
     print("paper:    multi accuracy 78% ± 8.7%, zero-or-two 4.25% ± 2.45%; multi_sn accuracy 75% ± 13.3%")
     wall = time.time() - t0
-    out = os.path.join(a.root, "summary.json")
+    out = os.path.join(a.root, f"summary{tag}.json")
     with open(out, "w") as f:
-        json.dump({"ddpm_seeds": ds, "clf_seeds": cs, "n": a.n, "lambdas": a.lambdas, "summary": summary,
+        json.dump({"antialias": a.antialias, "ddpm_seeds": ds, "clf_seeds": cs, "n": a.n, "lambdas": a.lambdas, "summary": summary,
                    "per_ddpm_seed": {str(k): v for k, v in per_ddpm.items()},
                    "pairs": {k: v for k, v in rows.items() if k != "uncond"},
                    "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2, default=str)

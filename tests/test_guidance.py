@@ -184,3 +184,39 @@ def test_sample_cli_bad_steps_and_target(tiny_run):
                           "--steps 500", "2..50")
     assert_one_line_error(run_cli("sample.py", "--run", tiny_run, "--guidance", "single", "--target", "7",
                                   "--n", "2"), "--target 7")
+
+
+# ----- anti-aliased downsampling (issue: the period-4 comb of guided histograms) ------------------
+
+def test_antialiased_downsample_removes_the_nyquist_column_pattern():
+    """An alternating-column image (-1, +1, -1, ...) is the frequency a stride-2 sample aliases
+    to a constant. With a centre-tap conv, the plain Downsample returns that constant (-1
+    everywhere); the blurred one returns 0 inside the image (the [1, 2, 1] / 4 filter has a
+    zero at the Nyquist frequency). A constant image keeps its value (gain 1)."""
+    from unet import Downsample
+    alt = torch.tensor([(-1.0) ** (x + 1) for x in range(8)]).expand(1, 2, 8, 8).contiguous()
+    outs = {}
+    for aa in (False, True):
+        d = Downsample(2, antialias=aa)
+        with torch.no_grad():
+            d.conv.weight.zero_()
+            d.conv.bias.zero_()
+            d.conv.weight[[0, 1], [0, 1], 1, 1] = 1.0          # output = input at the sampled pixel
+        outs[aa] = d(alt)
+        assert outs[aa].shape == (1, 2, 4, 4)
+        assert torch.allclose(d(torch.full((1, 2, 8, 8), 0.7)), torch.full((1, 2, 4, 4), 0.7))
+    assert torch.allclose(outs[False], torch.full((1, 2, 4, 4), -1.0))
+    assert outs[True][..., 1:].abs().max() < 1e-6 and outs[True][..., 0].abs().max() > 0.1  # edge
+
+
+def test_antialiased_classifier_has_the_same_parameters_and_works_with_spectral_norm():
+    plain = NoisyClassifier(16, 1, 2, 8, (1, 2, 2), 1, (8,))
+    aa = NoisyClassifier(16, 1, 2, 8, (1, 2, 2), 1, (8,), antialias=True)
+    assert plain.state_dict().keys() == aa.state_dict().keys()   # the blur is a constant
+    aa.load_state_dict(plain.state_dict())
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 5, 9])
+    assert aa(x, t).shape == (3, 2) and not torch.allclose(aa(x, t), plain(x, t))
+    sn = NoisyClassifier(16, 1, 2, 8, (1, 2, 2), 1, (8,), spectral_norm_scale=2.0, antialias=True)
+    assert torch.isfinite(sn(x, t)).all() and all("blur" not in n for n, _ in spectral_layers(sn))
+    import config as C
+    assert C.from_dict({"classifier": {}})["classifier"].clf_antialias is False  # older checkpoints
