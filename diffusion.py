@@ -255,9 +255,10 @@ class GaussianDiffusion:
 
     def ddim_sigma(self, t, eta: float, shape) -> torch.Tensor:
         """sigma_t(eta) of Eq. (16) of Song et al.: eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1}).
-        eta = 1 gives the DDPM posterior std sqrt(beta~_t); eta = 0 the deterministic DDIM."""
-        ab, ab_prev = self._at("alphas_cumprod", t, shape), self._at("alphas_cumprod_prev", t, shape)
-        return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        The product under the roots is exactly beta~_t (Eq. 6), read from its float64-built table:
+        1 - abar_t/abar_{t-1} in float32 would lose most digits near t = 0. eta = 1 is the DDPM
+        posterior std, eta = 0 the deterministic DDIM."""
+        return eta * self._at("posterior_variance", t, shape).sqrt()
 
     def ddim_sample(self, model, xt, t, eta=0.0, clip_denoised=True, guidance=None, generator=None):
         """One DDIM step x_t -> x_{t-1} on this (respaced) grid, Eq. (12) of Song et al. (2021):
@@ -272,26 +273,40 @@ class GaussianDiffusion:
         return x, x0
 
     @torch.no_grad()
-    def ddim_invert(self, model, x0, to_step: int, clip_denoised=True, progress=False):
-        """Deterministic DDIM inversion: clean images x0 -> latents at (respaced) index ``to_step``.
+    def ddim_invert(self, model, x0, to_step: int, clip_denoised=True, refine: int = 0, progress=False):
+        """Deterministic DDIM inversion: clean images x0 -> latents at (respaced) index ``to_step``,
+        which ``denoise(model, z, to_step, sampler="ddim", eta=0)`` decodes back.
 
-        Eq. (12) with eta = 0 run forwards, x_{s+1} = sqrt(abar_{s+1}) x^_0 + sqrt(1 - abar_{s+1}) eps^,
-        where (eps^, x^_0) are taken at the current x_s, since x_{s+1} is not known yet (Song et al.
-        §4.3: the ODE discretised the other way). The clean image stands for x at index 0
-        (abar_0 ~ 1). ``denoise(model, z, to_step, sampler="ddim", eta=0)`` decodes it back."""
+        Decoding step s -> s-1 is Eq. (12) with eta = 0, x_{s-1} = sqrt(abar_{s-1}) x^_0 +
+        sqrt(1 - abar_{s-1}) eps^, with (eps^, x^_0) taken at x_s: the clean image is index -1
+        (abar = 1). Run forwards, x_s is unknown, so (eps^, x^_0) are first taken at x_{s-1}
+        (Song et al. §4.3: the ODE discretised the other way; the first step then keeps the clean
+        image as x_0, as in the common implementations). ``refine`` > 0 fixed-point iterations
+        re-evaluate eps^ at the new x_s and solve the decoding step exactly for it, which removes
+        that first-order error (one network call each)."""
         if not 0 <= to_step < self.T:
             raise ValueError(f"inversion step {to_step} is outside 0..{self.T - 1}")
         x = x0
-        steps = range(to_step)
+        steps = range(to_step + 1)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="inverting", leave=False)
-        for i in steps:
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, x0_hat = self.ddim_eps_x0(model, x, t, clip_denoised)
-            ab_next = self._at("alphas_cumprod", t + 1, x.shape)
-            x = ab_next.sqrt() * x0_hat + (1 - ab_next).sqrt() * eps
+        for s in steps:
+            t = torch.full((x.shape[0],), s, device=x.device, dtype=torch.long)
+            eps, x0_hat = self.ddim_eps_x0(model, x, (t - 1).clamp(min=0), clip_denoised)
+            nxt = self._ddim_up(x0_hat, eps, t)
+            for _ in range(refine):
+                eps, _ = self.ddim_eps_x0(model, nxt, t, clip_denoised)
+                # The decoding step from nxt must land on x: solve Eq. (12) for x^_0 given eps^.
+                ab_prev = self._at("alphas_cumprod_prev", t, x.shape)
+                nxt = self._ddim_up((x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt(), eps, t)
+            x = nxt
         return x
+
+    def _ddim_up(self, x0_hat, eps, t):
+        """Eq. (4) with the predicted noise: the point at index t on the DDIM path of (x^_0, eps^)."""
+        ab = self._at("alphas_cumprod", t, x0_hat.shape)
+        return ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
 
     # ----- training ---------------------------------------------------------------------------
     def training_loss(self, model, x0, t=None, noise=None):

@@ -11,7 +11,7 @@ band and one of the right band; the question is whether the decoded path crosses
 --depth is the fraction of the respaced grid that is inverted (0.5: the paper's half way, 1: all
 the way to x_T). Writes ``<out>/interp_path.png`` (one row per pair, the first --rows pairs) and
 ``<out>/interp.json``: the round-trip error of the endpoints (alpha = 0 and 1 decode the inverted
-images themselves), and per pair whether the path is "monotone": every frame has exactly one disc,
+images themselves, in [-1, 1] units), and per pair whether the path is "monotone": every frame has exactly one disc,
 its centre never moves left, and at least one frame lies in the middle.
 """
 from __future__ import annotations
@@ -55,10 +55,11 @@ def check_images(x: torch.Tensor, model) -> None:
                         f"resize them to {want[1]}x{want[2]} px with {want[0]} channel(s)")
 
 
-def invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, step: int, clip_denoised=True):
+def invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, step: int, clip_denoised=True,
+           refine: int = 0):
     """Clean images in [-1, 1] -> their DDIM latents at respaced index ``step`` (eta = 0)."""
     check_images(x0, model)
-    return diffusion.ddim_invert(model, x0, step, clip_denoised)
+    return diffusion.ddim_invert(model, x0, step, clip_denoised, refine)
 
 
 def decode(model, diffusion: GaussianDiffusion, z: torch.Tensor, step: int, clip_denoised=True):
@@ -67,9 +68,9 @@ def decode(model, diffusion: GaussianDiffusion, z: torch.Tensor, step: int, clip
 
 
 def interpolate(model, diffusion, a: torch.Tensor, b: torch.Tensor, frames: int, step: int,
-                clip_denoised=True) -> torch.Tensor:
+                clip_denoised=True, refine: int = 0) -> torch.Tensor:
     """Decoded slerp paths from images a[i] to b[i]: [N, frames, C, H, W] (App. M)."""
-    za, zb = invert(model, diffusion, torch.cat([a, b]), step, clip_denoised).chunk(2)
+    za, zb = invert(model, diffusion, torch.cat([a, b]), step, clip_denoised, refine).chunk(2)
     alphas = np.linspace(0, 1, frames)
     zs = torch.stack([slerp(za, zb, float(al)) for al in alphas], 1)          # [N, F, C, H, W]
     x = decode(model, diffusion, zs.flatten(0, 1), step, clip_denoised)
@@ -124,6 +125,8 @@ def build_parser():
     g.add_argument("--frames", type=int, default=9, help="images per path, endpoints included (default 9)")
     g.add_argument("--depth", type=float, default=0.5,
                    help="fraction of the respaced steps to invert (default 0.5, the paper's 2000 of 4000)")
+    g.add_argument("--refine", type=int, default=0,
+                   help="fixed-point iterations per inversion step (default 0; see diffusion.ddim_invert)")
     g.add_argument("--rows", type=int, default=8, help="pairs shown in interp_path.png (default 8)")
     return p
 
@@ -132,8 +135,8 @@ def main(argv=None):
     from sample import load_ddpm, sample_config, save_grid
     a = build_parser().parse_args(argv)
     s, _ = sample_config(a, DEFAULTS)
-    if a.frames < 2 or s.n < 1:
-        raise UserError("--frames must be >= 2 and --n >= 1")
+    if a.frames < 2 or s.n < 1 or a.refine < 0:
+        raise UserError("--frames must be >= 2, --n >= 1 and --refine >= 0")
     if not 0 < a.depth <= 1:
         raise UserError(f"--depth {a.depth} is outside (0, 1]; 0.5 inverts half of the steps, 1 all")
     device = pick_device(s.device)
@@ -147,9 +150,9 @@ def main(argv=None):
     left, right = circle_pairs(cfg["data"].image_size, delta, s.n, s.seed)
     t0 = time.time()
     paths = interpolate(model, diffusion, left.to(device), right.to(device), a.frames, step,
-                        dcfg.clip_denoised).cpu()
+                        dcfg.clip_denoised, a.refine).cpu()
     res = dict(measure(paths, left, right, delta), pairs=s.n, frames=a.frames, steps=diffusion.T,
-               invert_to=step, model_t=int(diffusion.timestep_map[step]), seconds=time.time() - t0)
+               invert_to=step, refine=a.refine, model_t=int(diffusion.timestep_map[step]), seconds=time.time() - t0)
     with open(os.path.join(a.out, "interp.json"), "w") as f:
         json.dump(res, f, indent=1)
     png = os.path.join(a.out, "interp_path.png")
