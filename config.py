@@ -105,6 +105,8 @@ class SampleConfig:
     scale: float = knob(30.0, "lambda of single guidance, and of every class if no --lambdas")
     target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
     classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
+    sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
+    eta: float = knob(0.0, "DDIM noise scale in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,

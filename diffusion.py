@@ -11,7 +11,10 @@ One implementation shared by every experiment:
     steps of the cosine schedule, so a briefly trained net leaves x^_0's mean brightness free there
     and samples come out with grey or white backgrounds. The authors' 30k GPU steps wash this out;
     the CPU preset's few minutes do not, and v-prediction fixes it at no cost;
-  * ancestral sampling, optionally on a respaced grid of K <= T steps.
+  * ancestral sampling, optionally on a respaced grid of K <= T steps;
+  * DDIM sampling (Song et al. 2021, Eq. 12) on the same grid, with eta in [0, 1] (eta = 1 has the
+    posterior variance beta~_t, eta = 0 is the deterministic probability-flow path), and the
+    deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between.
 
 Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
 beta'_k = 1 - abar[t_k] / abar[t_{k-1}] so that the kept steps have the same cumulative noise.
@@ -109,7 +112,7 @@ class GaussianDiffusion:
         self.model_variance = t64(large if variance == "fixed_large" else small)
         self.to("cpu")
 
-    _TABLES = ("betas", "alphas_cumprod", "sqrt_ab", "sqrt_1m_ab", "sqrt_recip_ab", "sqrt_recipm1_ab",
+    _TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_ab", "sqrt_1m_ab", "sqrt_recip_ab", "sqrt_recipm1_ab",
                "posterior_variance", "posterior_c0", "posterior_ct", "model_variance")
 
     def to(self, device) -> "GaussianDiffusion":
@@ -204,17 +207,106 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, shape, clip_denoised=True, guidance=None, generator=None,
-               device="cpu", progress=False):
-        """Ancestral sampling from x_T ~ N(0, I) over all steps of this (possibly respaced) diffusion."""
+               device="cpu", progress=False, sampler="ancestral", eta=0.0):
+        """Sampling from x_T ~ N(0, I) over all steps of this (possibly respaced) diffusion, with
+        ancestral steps (p_sample) or DDIM steps (ddim_sample, noise scale ``eta``)."""
         x = torch.randn(shape, generator=generator, device=device)
-        steps = range(self.T - 1, -1, -1)
+        return self.denoise(model, x, self.T - 1, clip_denoised, guidance, generator, progress, sampler, eta)
+
+    @torch.no_grad()
+    def denoise(self, model, x, start, clip_denoised=True, guidance=None, generator=None,
+                progress=False, sampler="ancestral", eta=0.0):
+        """Run the reverse process from x at (respaced) index ``start`` down to a clean image."""
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; use ancestral or ddim")
+        steps = range(start, -1, -1)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for i in steps:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            x, _ = self.p_sample(model, x, t, clip_denoised, guidance, generator)
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            if sampler == "ddim":
+                x, _ = self.ddim_sample(model, x, t, eta, clip_denoised, guidance, generator)
+            else:
+                x, _ = self.p_sample(model, x, t, clip_denoised, guidance, generator)
         return x
+
+    # ----- DDIM (Song et al. 2021) ------------------------------------------------------------
+    def eps_from_x0(self, xt, t, x0):
+        """Eq. (4) solved for eps: the noise that carries x0 to xt at step t."""
+        return (self._at("sqrt_recip_ab", t, xt.shape) * xt - x0) / self._at("sqrt_recipm1_ab", t, xt.shape)
+
+    def ddim_eps_x0(self, model, xt, t, clip_denoised=True, guidance=None):
+        """(eps^, x^_0) of one DDIM step.
+
+        Guidance acts on eps^ (Dhariwal & Nichol 2021, Alg. 2): eps^ - sqrt(1 - abar_t) g, the same
+        g = grad_x sum_m lambda_m log p(y_m | x_t) that shifts the ancestral mean by sigma_t^2 g
+        (both add g to the score -eps / sqrt(1 - abar_t)). Clipping x^_0 comes after the shift,
+        and eps^ is then recomputed from the clipped x^_0 so that the pair still satisfies Eq. (4)
+        at x_t: Eq. (12) then moves along a path consistent with a data-range x^_0."""
+        eps = self.model_eps(model(xt, self.model_t(t)), xt, t)
+        if guidance is not None:
+            eps = eps - self._at("sqrt_1m_ab", t, xt.shape) * guidance(xt, self.model_t(t))
+        x0 = self.predict_x0(xt, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = self.eps_from_x0(xt, t, x0)
+        return eps, x0
+
+    def ddim_sigma(self, t, eta: float, shape) -> torch.Tensor:
+        """sigma_t(eta) of Eq. (16) of Song et al.: eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1}).
+        The product under the roots is exactly beta~_t (Eq. 6), read from its float64-built table:
+        1 - abar_t/abar_{t-1} in float32 would lose most digits near t = 0. eta = 1 is the DDPM
+        posterior std, eta = 0 the deterministic DDIM."""
+        return eta * self._at("posterior_variance", t, shape).sqrt()
+
+    def ddim_sample(self, model, xt, t, eta=0.0, clip_denoised=True, guidance=None, generator=None):
+        """One DDIM step x_t -> x_{t-1} on this (respaced) grid, Eq. (12) of Song et al. (2021):
+        x_{t-1} = sqrt(abar_{t-1}) x^_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps^ + sigma_t z."""
+        eps, x0 = self.ddim_eps_x0(model, xt, t, clip_denoised, guidance)
+        ab_prev = self._at("alphas_cumprod_prev", t, xt.shape)
+        sigma = self.ddim_sigma(t, eta, xt.shape)
+        # The clamp only absorbs float32 rounding: sigma_t^2 <= 1 - abar_{t-1} for eta <= 1.
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:  # eta = 0 draws nothing, so the path is the same whatever the generator
+            x = x + sigma * torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        return x, x0
+
+    @torch.no_grad()
+    def ddim_invert(self, model, x0, to_step: int, clip_denoised=True, refine: int = 0, progress=False):
+        """Deterministic DDIM inversion: clean images x0 -> latents at (respaced) index ``to_step``,
+        which ``denoise(model, z, to_step, sampler="ddim", eta=0)`` decodes back.
+
+        Decoding step s -> s-1 is Eq. (12) with eta = 0, x_{s-1} = sqrt(abar_{s-1}) x^_0 +
+        sqrt(1 - abar_{s-1}) eps^, with (eps^, x^_0) taken at x_s: the clean image is index -1
+        (abar = 1). Run forwards, x_s is unknown, so (eps^, x^_0) are first taken at x_{s-1}
+        (Song et al. §4.3: the ODE discretised the other way; the first step then keeps the clean
+        image as x_0, as in the common implementations). ``refine`` > 0 fixed-point iterations
+        re-evaluate eps^ at the new x_s and solve the decoding step exactly for it, which removes
+        that first-order error (one network call each)."""
+        if not 0 <= to_step < self.T:
+            raise ValueError(f"inversion step {to_step} is outside 0..{self.T - 1}")
+        x = x0
+        steps = range(to_step + 1)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="inverting", leave=False)
+        for s in steps:
+            t = torch.full((x.shape[0],), s, device=x.device, dtype=torch.long)
+            eps, x0_hat = self.ddim_eps_x0(model, x, (t - 1).clamp(min=0), clip_denoised)
+            nxt = self._ddim_up(x0_hat, eps, t)
+            for _ in range(refine):
+                eps, _ = self.ddim_eps_x0(model, nxt, t, clip_denoised)
+                # The decoding step from nxt must land on x: solve Eq. (12) for x^_0 given eps^.
+                ab_prev = self._at("alphas_cumprod_prev", t, x.shape)
+                nxt = self._ddim_up((x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt(), eps, t)
+            x = nxt
+        return x
+
+    def _ddim_up(self, x0_hat, eps, t):
+        """Eq. (4) with the predicted noise: the point at index t on the DDIM path of (x^_0, eps^)."""
+        ab = self._at("alphas_cumprod", t, x0_hat.shape)
+        return ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
 
     # ----- training ---------------------------------------------------------------------------
     def training_loss(self, model, x0, t=None, noise=None):
