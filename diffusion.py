@@ -14,7 +14,10 @@ One implementation shared by every experiment:
   * ancestral sampling, optionally on a respaced grid of K <= T steps;
   * DDIM sampling (Song et al. 2021, Eq. 12) on the same grid, with eta in [0, 1] (eta = 1 has the
     posterior variance beta~_t, eta = 0 is the deterministic probability-flow path), and the
-    deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between.
+    deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between, and a
+    per-step eta for App. N's editing (eta decaying linearly, see edit.py);
+  * where classifier guidance (§2.2) is evaluated: at x_t (default) or at the posterior mean
+    mu_theta(x_t, t) (``guidance_point``).
 
 Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
 beta'_k = 1 - abar[t_k] / abar[t_{k-1}] so that the kept steps have the same cumulative noise.
