@@ -107,6 +107,8 @@ class SampleConfig:
     classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
     sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
     eta: float = knob(0.0, "DDIM noise scale in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
+    guidance_at: str = knob("xt", "where guidance takes grad log p(y|x): xt (the authors' code) | mu "
+                                  "(§2.2 as written: at the posterior mean mu_theta(x_t, t); ancestral only)")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,

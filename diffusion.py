@@ -14,7 +14,10 @@ One implementation shared by every experiment:
   * ancestral sampling, optionally on a respaced grid of K <= T steps;
   * DDIM sampling (Song et al. 2021, Eq. 12) on the same grid, with eta in [0, 1] (eta = 1 has the
     posterior variance beta~_t, eta = 0 is the deterministic probability-flow path), and the
-    deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between.
+    deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between, and a
+    per-step eta for App. N's editing (eta decaying linearly, see edit.py);
+  * where classifier guidance (§2.2) is evaluated: at x_t (default) or at the posterior mean
+    mu_theta(x_t, t) (``guidance_point``).
 
 Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
 beta'_k = 1 - abar[t_k] / abar[t_{k-1}] so that the kept steps have the same cumulative noise.
@@ -191,34 +194,60 @@ class GaussianDiffusion:
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, self._at("model_variance", t, xt.shape), x0
 
-    def p_sample(self, model, xt, t, clip_denoised=True, guidance=None, generator=None):
+    def p_sample(self, model, xt, t, clip_denoised=True, guidance=None, generator=None, guidance_at="xt"):
         """One ancestral step x_t -> x_{t-1}.
 
         1. mean, variance from the model (Eq. 7 / Eq. 5).
-        2. classifier guidance (§2.2): mu~ = mu + sigma_t^2 * g, g = grad_x sum_m lambda_m log p(y_m|x_t).
+        2. classifier guidance (§2.2): mu~ = mu + sigma_t^2 * g, g = grad_x sum_m lambda_m log p(y_m|x),
+           taken where ``guidance_at`` says (see guidance_point).
         3. x_{t-1} = mu~ + sigma_t z, with no noise at t = 0.
         """
         mean, var, x0 = self.p_mean_variance(model, xt, t, clip_denoised)
         if guidance is not None:
-            mean = mean + var * guidance(xt, self.model_t(t))
+            mean = mean + var * guidance(*self.guidance_point(xt, mean, t, guidance_at))
         noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
         nonzero = (t != 0).float().view(-1, *([1] * (xt.dim() - 1)))
         return mean + nonzero * var.sqrt() * noise, x0
 
+    def guidance_point(self, xt, mean, t, guidance_at="xt"):
+        """(point, classifier timestep) at which an ancestral step evaluates the guidance g.
+
+        ``xt`` (default, the authors' guided-diffusion code): g at x_t, the classifier told the
+        current step's original timestep. ``mu`` (§2.2 as written, g = lambda grad_x log p(y|x) at
+        x = mu_theta(x_t, t)): g at the (clipped) posterior mean, the classifier told the timestep
+        of x_{t-1}, the previous kept step (original index 0 at the last step). Why t-1: mu is the
+        mean of p(x_{t-1} | x_t), and the shift sigma_t^2 g is the first-order expansion of
+        log p(y | x_{t-1}) around x_{t-1} = mu (Dhariwal & Nichol 2021, §4.1), a classifier of
+        x_{t-1}'s noise level. The mean shift sigma_t^2 g is the same in both cases."""
+        if guidance_at == "xt":
+            return xt, self.model_t(t)
+        if guidance_at == "mu":
+            return mean, self.model_t((t - 1).clamp(min=0))
+        raise ValueError(f"unknown guidance_at {guidance_at!r}; use xt or mu")
+
     @torch.no_grad()
     def sample(self, model, shape, clip_denoised=True, guidance=None, generator=None,
-               device="cpu", progress=False, sampler="ancestral", eta=0.0):
+               device="cpu", progress=False, sampler="ancestral", eta=0.0, guidance_at="xt"):
         """Sampling from x_T ~ N(0, I) over all steps of this (possibly respaced) diffusion, with
         ancestral steps (p_sample) or DDIM steps (ddim_sample, noise scale ``eta``)."""
         x = torch.randn(shape, generator=generator, device=device)
-        return self.denoise(model, x, self.T - 1, clip_denoised, guidance, generator, progress, sampler, eta)
+        return self.denoise(model, x, self.T - 1, clip_denoised, guidance, generator, progress, sampler, eta,
+                            guidance_at)
 
     @torch.no_grad()
     def denoise(self, model, x, start, clip_denoised=True, guidance=None, generator=None,
-                progress=False, sampler="ancestral", eta=0.0):
-        """Run the reverse process from x at (respaced) index ``start`` down to a clean image."""
+                progress=False, sampler="ancestral", eta=0.0, guidance_at="xt"):
+        """Run the reverse process from x at (respaced) index ``start`` down to a clean image.
+
+        DDIM's ``eta`` is a number, or a callable i -> eta_i of the respaced step index i (a per-step
+        schedule, e.g. the linear decay of App. N's attribute editing). ``guidance_at="mu"`` is
+        ancestral only: DDIM has no posterior mean before its noise is chosen (see guidance_point)."""
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; use ancestral or ddim")
+        if guidance_at not in ("xt", "mu") or (guidance_at == "mu" and sampler == "ddim"):
+            raise ValueError(f"guidance_at {guidance_at!r} with sampler {sampler!r}: use xt, or mu "
+                             "with the ancestral sampler")
+        eta_at = eta if callable(eta) else (lambda i: eta)
         steps = range(start, -1, -1)
         if progress:
             from tqdm import tqdm
@@ -226,9 +255,9 @@ class GaussianDiffusion:
         for i in steps:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             if sampler == "ddim":
-                x, _ = self.ddim_sample(model, x, t, eta, clip_denoised, guidance, generator)
+                x, _ = self.ddim_sample(model, x, t, float(eta_at(i)), clip_denoised, guidance, generator)
             else:
-                x, _ = self.p_sample(model, x, t, clip_denoised, guidance, generator)
+                x, _ = self.p_sample(model, x, t, clip_denoised, guidance, generator, guidance_at)
         return x
 
     # ----- DDIM (Song et al. 2021) ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python evaluate.py --run runs/circles            # samples 512 per method, writes metrics + PNGs
     python evaluate.py --run runs/circles --sampler ddim --eta 0   # the same with DDIM steps
+    python evaluate.py --run runs/circles --guidance-at mu         # guidance gradient at mu_theta (§2.2)
 
 A CelebA run (--dataset celeba) is measured by evaluate_faces.py instead (§5.1, §5.3 --sweep, §6,
 App. H; its flags are the "CelebA runs" group below).
@@ -34,7 +35,8 @@ only (``hist_n`` of them; NaN when there are none):
 metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
 middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_n (period-2 and period-4
 strength of the middle columns, see comb_strength), column_counts {centre column: samples},
-sample_seconds, sampler, eta}}, fractions in [0, 1].
+sample_seconds, sampler, eta, guidance_at}}, fractions in [0, 1]. guidance_at (xt | mu, see
+diffusion.GaussianDiffusion.guidance_point) applies to the guided methods; uncond records xt.
 """
 from __future__ import annotations
 
@@ -157,7 +159,7 @@ PAPER = {"multi": {"accuracy": (0.78, 0.087), "zero_or_two": (0.0425, 0.0245)},
 
 
 def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, models, resample=False,
-                   sampler="ancestral", eta=0.0):
+                   sampler="ancestral", eta=0.0, guidance_at="xt"):
     """uint8 samples of one method, read from the cache if it was made with the same settings."""
     from sample import generate
     guidance, clf = METHODS[method]
@@ -167,7 +169,9 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
                            "steps": steps, "stamp": stamp}
                           # DDIM is part of the key; ancestral keeps the key it always had, so
                           # earlier caches stay valid.
-                          | ({"sampler": sampler, "eta": eta} if sampler != "ancestral" else {}))
+                          | ({"sampler": sampler, "eta": eta} if sampler != "ancestral" else {})
+                          # Likewise guidance at mu: the key of guided samples at x_t is unchanged.
+                          | ({"guidance_at": guidance_at} if clf and guidance_at != "xt" else {}))
     path = os.path.join(run, f"eval_{method}.npz")
     if not resample and os.path.exists(path):
         z = np.load(path)
@@ -175,7 +179,8 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
             return z["images"], float(z["seconds"]), True
     t0 = time.time()
     x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas, classifier=clf or "classifier",
-                 progress=True, models=models, sampler=sampler, eta=eta)
+                 progress=True, models=models, sampler=sampler, eta=eta,
+                 guidance_at=guidance_at if clf else "xt")
     seconds = time.time() - t0
     images = to_uint8(x)
     np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
@@ -353,7 +358,7 @@ def run_dataset(run: str) -> str:
 
 def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, methods=None,
                  device=None, resample=False, figures=True, write_metrics=True, log=print,
-                 sampler="ancestral", eta=0.0, **faces) -> dict:
+                 sampler="ancestral", eta=0.0, guidance_at="xt", **faces) -> dict:
     """Sample (or read back) every method, measure it, and write metrics.json and the figures.
 
     ``methods`` None: every method whose checkpoints exist (see ``select_methods``). ``lambdas``
@@ -362,9 +367,9 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
     from checkpoint import pick_device
     from sample import load_classifier, load_ddpm, save_grid
     if run_dataset(run) == "celeba":
-        if sampler != "ancestral":
-            raise UserError("--sampler ddim is not wired into the CelebA evaluation yet; "
-                            "drop --sampler/--eta, or draw DDIM samples with sample.py")
+        if sampler != "ancestral" or guidance_at != "xt":
+            raise UserError("--sampler ddim and --guidance-at mu are not wired into the CelebA evaluation "
+                            "yet; drop them, or draw such samples with sample.py")
         import evaluate_faces
         return evaluate_faces.evaluate_run(run, n, batch_size, seed, lambdas, steps, methods, device, resample,
                                            figures, write_metrics, log, **faces)
@@ -381,10 +386,11 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
     stats, metrics = {}, {}
     for m in methods:
         images, seconds, cached = method_samples(run, m, n, batch_size, seed, lambdas, steps, device,
-                                                 models, resample, sampler, eta)
+                                                 models, resample, sampler, eta, guidance_at)
         log(f"{m}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
         stats[m] = summarize(images)
-        metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds, sampler=sampler, eta=eta)
+        metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds, sampler=sampler, eta=eta,
+                          guidance_at=guidance_at if METHODS[m][1] else "xt")
         if figures:
             save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
     if figures:
@@ -406,7 +412,7 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
     return metrics
 
 
-EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta")  # of config.SampleConfig
+EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta", "guidance_at")  # of config.SampleConfig
 EVAL_DEFAULTS = C.SampleConfig(n=512, lambdas="30,30")  # 512 samples per method, lambda = [30, 30] (§5.5)
 
 
@@ -434,18 +440,19 @@ def main(argv=None):
     from sample import check_sampler, sample_config
     a = build_parser().parse_args(argv)
     s, typed = sample_config(a, EVAL_DEFAULTS)
-    check_sampler(s.sampler, s.eta)
+    check_sampler(s.sampler, s.eta, s.guidance_at)
     methods = None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
-    if "lambdas" in typed and methods is not None and set(methods) <= set(METHODS) \
-            and all(METHODS[m][0] == "none" for m in methods):  # typed but would be ignored
-        raise UserError("--lambdas only applies to the guided methods (multi, multi_sn)")
+    for flag in ("lambdas", "guidance_at"):
+        if flag in typed and methods is not None and set(methods) <= set(METHODS) \
+                and all(METHODS[m][0] == "none" for m in methods):  # typed but would be ignored
+            raise UserError(f"--{flag.replace('_', '-')} only applies to the guided methods (multi, multi_sn)")
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)  # also sets the CPU threads
     if run_dataset(s.run) == "celeba":
-        if s.sampler != "ancestral":
-            raise UserError("--sampler ddim is not wired into the CelebA evaluation yet; "
-                            "drop --sampler/--eta, or draw DDIM samples with sample.py")
+        if s.sampler != "ancestral" or s.guidance_at != "xt":
+            raise UserError("--sampler ddim and --guidance-at mu are not wired into the CelebA evaluation "
+                            "yet; drop them, or draw such samples with sample.py")
         import evaluate_faces
         return evaluate_faces.main_from_args(a, s, typed, methods, device)
     given = [f for f in evaluate_faces_flags(a)]
@@ -453,7 +460,7 @@ def main(argv=None):
         raise UserError(f"{' '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to CelebA runs")
     t0 = time.time()
     metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas or "30,30", s.steps or None, methods,
-                           device, a.resample, sampler=s.sampler, eta=s.eta)
+                           device, a.resample, sampler=s.sampler, eta=s.eta, guidance_at=s.guidance_at)
     print(format_table(metrics))
     heat = any(os.path.exists(ckpt_path(s.run, c)) for c in ("classifier", "classifier_sn"))
     files = ["metrics.json"] + [f"grid_{m}.png" for m in metrics] + ["hist_z.png"] + \

@@ -10,9 +10,10 @@ Single-class guidance towards class y with scale s is the special case lambda = 
 
 Cost: one forward and one backward per classifier for the whole batch, whatever the number of
 classes, since the sum over classes is taken before autograd (App. C: "multi-guidance does not
-introduce additional cost"). The gradient is taken at x_t, as in the authors' code (based on
-guided-diffusion); the classifier receives the original, un-respaced timestep, which
-GaussianDiffusion.p_sample passes in.
+introduce additional cost"). By default the gradient is taken at x_t, as in the authors' code (based
+on guided-diffusion); ``--guidance-at mu`` takes it at the posterior mean mu_theta(x_t, t), as §2.2
+writes it (GaussianDiffusion.guidance_point says which point and timestep). Either way the classifier
+receives an original, un-respaced timestep, which GaussianDiffusion.p_sample passes in.
 """
 from __future__ import annotations
 

@@ -5,13 +5,15 @@
     python sample.py --run runs/circles --guidance multi --classifier classifier_sn
     python sample.py --run runs/circles --guidance single --scale 30 --target 1
     python sample.py --run runs/circles --sampler ddim --eta 0           # DDIM (Song et al. 2021)
+    python sample.py --run runs/circles --guidance multi --guidance-at mu  # grad at mu_theta (§2.2)
 
 The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
 declared once in config.SampleConfig (evaluate.py shares them). --steps 0 means the run's
 sample_steps; --target -1 alternates the classes over the batch. --lambdas, --scale, --target and
 --classifier only apply to guided sampling: with --guidance none they are an error, not ignored.
 --eta only applies to --sampler ddim; with DDIM, guidance shifts eps^ instead of the mean (see
-diffusion.GaussianDiffusion.ddim_eps_x0).
+diffusion.GaussianDiffusion.ddim_eps_x0). --guidance-at mu evaluates the classifier gradient at the
+posterior mean instead of x_t (diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
 
 Writes ``<out>/samples_<tag>.npz`` (uint8 images [N, H, W, C] + the settings) and a PNG grid;
 --out defaults to the run directory, --tag to the guidance mode. Existing samples are never
@@ -71,8 +73,14 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
     return model.to(device).eval().requires_grad_(False)
 
 
-def check_sampler(sampler: str, eta: float) -> None:
-    """The sampler name and DDIM's eta (Eq. 16 of Song et al. is defined for 0 <= eta <= 1)."""
+def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
+    """The sampler name, DDIM's eta (Eq. 16 of Song et al. is defined for 0 <= eta <= 1) and where
+    guidance is evaluated (mu needs the ancestral posterior mean)."""
+    if guidance_at not in ("xt", "mu"):
+        raise UserError(f"unknown --guidance-at {guidance_at!r}; use xt (at x_t) or mu (at the posterior mean)")
+    if guidance_at == "mu" and sampler != "ancestral":
+        raise UserError("--guidance-at mu needs --sampler ancestral (DDIM has no posterior mean to "
+                        "evaluate the classifier at); drop one of them")
     if sampler not in ("ancestral", "ddim"):
         raise UserError(f"unknown --sampler {sampler!r}; use ancestral or ddim")
     if not 0.0 <= eta <= 1.0:
@@ -83,14 +91,15 @@ def check_sampler(sampler: str, eta: float) -> None:
 
 def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
             lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
-            classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0):
+            classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
+            guidance_at: str = "xt"):
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
     Returns ``draw(n, batch_size=256, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
     float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM."""
     if guidance not in ("none", "single", "multi"):
         raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
-    check_sampler(sampler, eta)
+    check_sampler(sampler, eta, guidance_at)
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
     dcfg = cfg["diffusion"]
@@ -118,7 +127,8 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
                      else torch.arange(start, start + b) % clf.num_classes)
                 guide = single_guidance(clf, y.to(device), scale)
             out.append(diffusion.sample(model, (b, *shape), dcfg.clip_denoised, guide, gen, device,
-                                        progress=progress, sampler=sampler, eta=eta).cpu())
+                                        progress=progress, sampler=sampler, eta=eta,
+                                        guidance_at=guidance_at).cpu())
         return torch.cat(out)
 
     return draw
@@ -127,10 +137,11 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
 def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None,
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
-             progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0) -> torch.Tensor:
+             progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,
+             guidance_at: str = "xt") -> torch.Tensor:
     """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
-    return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta)(
-        n, batch_size, seed, progress)
+    return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
+                   guidance_at)(n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
@@ -155,7 +166,7 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool =
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
-GUIDED_FLAGS = ("lambdas", "scale", "target", "classifier")
+GUIDED_FLAGS = ("lambdas", "scale", "target", "classifier", "guidance_at")
 
 
 def add_sample_args(parser: argparse.ArgumentParser, only=None, defaults: C.SampleConfig | None = None,
@@ -210,13 +221,14 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     s, typed = sample_config(a)
     check_guidance_flags(s.guidance, typed)  # before anything slow
-    check_sampler(s.sampler, s.eta)
+    check_sampler(s.sampler, s.eta, s.guidance_at)
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)
     models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
     draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
-                   None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta)
+                   None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
+                   s.guidance_at)
     out = a.out or s.run
     tag = a.tag or (s.guidance if s.guidance == "none" else f"{s.guidance}_{s.classifier}")
     npz = os.path.join(out, f"samples_{tag}.npz")
@@ -232,7 +244,8 @@ def main(argv=None):
     guided = s.guidance != "none"
     np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
                         lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
-                        classifier=s.classifier if guided else "", sampler=s.sampler, eta=s.eta)
+                        classifier=s.classifier if guided else "", sampler=s.sampler, eta=s.eta,
+                        guidance_at=s.guidance_at if guided else "")
     data_cfg = models[1]["data"]
     save_grid(x[:64], png, marks=data_cfg.dataset == "circles", delta=data_cfg.delta)
     print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
