@@ -356,7 +356,7 @@ def run_dataset(run: str) -> str:
     return C.from_dict(load_checkpoint(run, "ddpm")["config"])["data"].dataset
 
 
-def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, methods=None,
+def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambdas=None, steps=None, methods=None,
                  device=None, resample=False, figures=True, write_metrics=True, log=print,
                  sampler="ancestral", eta=0.0, guidance_at="xt", **faces) -> dict:
     """Sample (or read back) every method, measure it, and write metrics.json and the figures.

@@ -43,11 +43,13 @@ import numpy as np
 import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, save_atomic, to_uint8
+from config import SampleConfig
 from celeba import CelebAData, attribute_slug
 from eval_classifier import EvalClassifier, eval_path, logits_of, train_clean_classifier, true_latent
 from evaluate import hist_kld, hist_mse, histogram
 from memorisation import memorisation_report
 
+SAMPLE_BATCH = SampleConfig.batch_size
 METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
            "multi_sn": ("multi", "classifier_sn")}
 DEFAULT_METHODS = ("uncond", "multi")
@@ -359,7 +361,7 @@ def _num_classes(run) -> int:
     return int(load_checkpoint(run, "classifier")["num_classes"])
 
 
-def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, methods=None, device=None,
+def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, steps=None, methods=None, device=None,
                  resample=False, figures=True, write_metrics=True, log=print, eval_classifier=None,
                  zreg_steps=ZREG_STEPS, memo_rows=8) -> dict:
     """Sample every method, measure it and the training set; write metrics.json and the figures."""
@@ -424,7 +426,7 @@ def evaluate_run(run, n=512, batch_size=256, seed=0, lambdas=None, steps=None, m
     return metrics
 
 
-def sweep_run(run, lams, n=256, batch_size=256, seed=0, steps=None, device=None, resample=False,
+def sweep_run(run, lams, n=256, batch_size=SAMPLE_BATCH, seed=0, steps=None, device=None, resample=False,
               log=print, eval_classifier=None, zreg_steps=ZREG_STEPS, figures=True) -> dict:
     """§5.3: multi-guidance with lambda = each value for every class -> sweep.json, sweep.png."""
     from checkpoint import pick_device

@@ -39,12 +39,25 @@ from guidance import multi_guidance, parse_lambdas, single_guidance
 from unet import UNet
 
 
+def inference_layout(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model`` on ``device`` for sampling: eval mode, no parameter gradients and, on a CPU, its
+    conv weights in channels_last (NHWC) layout. oneDNN's CPU convolutions run in NHWC; with NCHW
+    weights every conv converts its input and output. Measured by bench/sample_speed.py on the
+    circles UNet at batch 128 (2 cores): 209 -> 156 ms per unguided step, 285 -> 236 ms
+    multi-guided. The outputs are the same up to float rounding (tests/test_diffusion.py). The
+    input can stay NCHW: a conv with channels_last weights returns channels_last activations."""
+    model = model.to(torch.device(device)).eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def load_ddpm(run: str, device, use_ema: bool = True):
     ck = load_checkpoint(run, "ddpm")
     cfg = C.from_dict(ck["config"])
     model = UNet.from_config(cfg["data"], cfg["unet"])
     model.load_state_dict(ck["ema" if use_ema else "model"])
-    return model.to(device).eval().requires_grad_(False), cfg
+    return inference_layout(model, device), cfg
 
 
 def load_classifier(run: str, name: str, device, expect_cfg=None):
@@ -70,7 +83,7 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
     model = NoisyClassifier.from_config(cfg["data"], cfg["classifier"], ck["num_classes"],
                                         spectral=ck["spectral_norm"])
     model.load_state_dict(ck["model"])
-    return model.to(device).eval().requires_grad_(False)
+    return inference_layout(model, device)
 
 
 def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
@@ -95,7 +108,7 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
             guidance_at: str = "xt"):
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
-    Returns ``draw(n, batch_size=256, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
+    Returns ``draw(n, batch_size, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
     float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM."""
     if guidance not in ("none", "single", "multi"):
         raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
@@ -116,7 +129,7 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
         raise UserError(f"--target {target} is not a class of the classifier (0..{clf.num_classes - 1})")
     shape = (cfg["data"].channels, cfg["data"].image_size, cfg["data"].image_size)
 
-    def draw(n: int, batch_size: int = 256, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    def draw(n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, progress: bool = False) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(seed)
         out, guide = [], g
         for start in range(0, n, batch_size):
@@ -134,7 +147,7 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
     return draw
 
 
-def generate(run: str, n: int, batch_size: int = 256, seed: int = 0, device=None,
+def generate(run: str, n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, device=None,
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
              progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,

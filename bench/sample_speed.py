@@ -35,6 +35,15 @@ def flops_of(fn) -> int:
     return fc.get_total_flops()
 
 
+def classifier_flops(clf, x, t) -> int:
+    """Forward + backward to the input, as guidance does (counted through .backward(): the FLOP
+    counter's module hooks do not support torch.autograd.grad)."""
+    xi = x.detach().clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as fc:
+        torch.log_softmax(clf(xi, t), -1).sum().backward()
+    return fc.get_total_flops()
+
+
 def median_time(fn, reps: int) -> float:
     fn()  # warm-up (oneDNN picks its kernels on the first call)
     ts = []
@@ -105,7 +114,9 @@ def main():
             x = torch.randn(n, ch, size, size).contiguous(memory_format=fmt)
             for name, guide in (("unguided", None), ("multi", g)):
                 step = lambda: d.p_sample(model, x, t, guidance=guide)  # noqa: E731
-                f = flops_of(step)
+                f = flops_of(lambda: d.p_sample(model, x, t))
+                if guide is not None:
+                    f += classifier_flops(clf, x, t)
                 with torch.no_grad():
                     s = median_time(step, a.reps)
                 print(f"batch {n:4d} {layout:>13} {name:>9}: {f / n / 1e6:6.0f} MFLOP/image, "

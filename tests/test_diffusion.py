@@ -106,3 +106,32 @@ def test_v_prediction_round_trip():
     assert torch.allclose(d.predict_x0(xt[:2], t[:2], d.model_eps(v, xt, t)[:2]), x0[:2], atol=1e-3)
     e = GaussianDiffusion(cosine_betas(1000), prediction="eps")
     assert torch.equal(e.target(x0, eps, t), eps)
+
+
+def test_channels_last_sampling_equals_nchw():
+    """The CPU speed-up (channels_last weights and activations, sample.inference_layout and
+    GaussianDiffusion.denoise) changes strides only: a guided step and a whole short sampling run
+    give the values of the plain NCHW path up to float rounding."""
+    import copy
+    from classifier import NoisyClassifier
+    from guidance import multi_guidance
+    from sample import inference_layout
+    from unet import UNet
+    torch.manual_seed(0)
+    unet = UNet(16, 3, 8, (1, 2), 1, (8,)).eval().requires_grad_(False)
+    for p in unet.parameters():            # the zero-initialised output conv would hide any error
+        p.data.normal_(0, 0.05)
+    clf = NoisyClassifier(16, 3, 2, 8, (1, 2), 1, (8,)).eval().requires_grad_(False)
+    fast_unet, fast_clf = inference_layout(copy.deepcopy(unet), "cpu"), inference_layout(copy.deepcopy(clf), "cpu")
+    conv = next(m for m in fast_unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 3)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    d = GaussianDiffusion(cosine_betas(20))
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 12)
+    step = lambda m, c, xx: d.p_sample(m, xx, t, guidance=multi_guidance([c], [torch.tensor([30.0, 30.0])]),
+                                        generator=torch.Generator().manual_seed(1))[0]
+    ref = step(unet, clf, x)
+    got = step(fast_unet, fast_clf, x.contiguous(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, ref, atol=1e-5) and (ref - x).abs().max() > 0.1
+    run = lambda m: d.sample(m, (4, 3, 16, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(run(fast_unet), run(unet), atol=1e-4)
