@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help=f"one of {C.DATASETS} (default: the run's, else circles)")
     p.add_argument("--model", default="all", choices=["ddpm", "classifier", "all"],
                    help="ddpm, the two classifiers (plain + spectral norm), or all")
-    p.add_argument("--preset", choices=["cpu", "paper"], default=None,
+    p.add_argument("--preset", choices=C.PRESET_NAMES, default=None,
                    help="default: the run's; for a new run paper on CUDA, cpu otherwise")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>)")
     p.add_argument("--device", default=None, help="cuda | cuda:N | mps | cpu (default: best available)")
@@ -280,6 +280,9 @@ def main(argv=None):
         raise UserError("--stop-at must be a positive step number")
     args.dataset = run_dataset(args.out, args.dataset)
     args.out = args.out or os.path.join("runs", args.dataset)
+    if args.preset and (args.dataset, args.preset) not in C.PRESETS:   # before any folder is made
+        raise UserError(f"--preset {args.preset} does not exist for {args.dataset}; choose from "
+                        f"{', '.join(p for d, p in C.PRESETS if d == args.dataset)}")
     if args.attribute and args.dataset != "celeba":
         raise UserError(f"--attribute is a CelebA option but the dataset is {args.dataset}; drop "
                         "--attribute or use --dataset celeba")

@@ -147,3 +147,26 @@ def test_paper_preset_builds_the_authors_models():
 def test_unknown_preset_is_clear():
     with pytest.raises(ValueError, match="unknown dataset/preset"):
         C.make_config("circles", "gpu")
+
+
+def test_cpu64_preset_is_the_authors_circles_and_trains(tmp_path):
+    """--preset cpu64: the authors' 64 px data (1200 images, 21 lit pixels each) and the cpu
+    networks with one more level; a few steps of every model run and land in the checkpoint."""
+    import config as C
+    import train
+    from toy_circles import CirclesData
+    cfg = C.make_config("circles", "cpu64")
+    data = CirclesData(cfg["data"].image_size, cfg["data"].delta)
+    assert len(data) == 1200 and cfg["data"].image_size == 64
+    assert ((data.x > 0).sum(dim=(1, 2, 3)) == 21).all()
+    out = str(tmp_path / "r64")
+    train.main(["--dataset", "circles", "--preset", "cpu64", "--out", out, "--steps", "2",
+                "--clf-steps", "2", "--batch-size", "4", "--clf-batch-size", "4", "--no-grid",
+                "--device", "cpu"])
+    ck = train.load_checkpoint(out, "classifier_sn")
+    assert ck["meta"]["preset"] == "cpu64" and ck["step"] == 2
+    assert C.from_dict(ck["config"])["unet"].channel_mult == (1, 2, 2, 4)
+    from conftest import one_line_error
+    one_line_error(lambda: train.main(["--dataset", "celeba", "--preset", "cpu64",
+                                       "--out", str(tmp_path / "x")]), "cpu64", "celeba")
+    assert not os.path.exists(tmp_path / "x")
