@@ -82,6 +82,7 @@ DEFAULTS = C.SampleConfig(n=32, target=1)  # 32 left-band discs, edited towards 
 
 
 def build_parser():
+    from interpolate import add_inversion_args
     from sample import add_sample_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sample_args(p, only=("run", "n", "seed", "steps", "device", "scale", "target", "classifier"),
@@ -89,12 +90,9 @@ def build_parser():
                     "and draws the noise, --scale is lambda, 0 = no guidance)")
     g = p.add_argument_group("attribute editing (App. N)")
     g.add_argument("--out", required=True, help="output directory for edit.png and edit.json")
-    g.add_argument("--depth", type=float, default=0.5,
-                   help="fraction of the respaced steps to invert (default 0.5, the paper's 2000 of 4000)")
+    add_inversion_args(g)
     g.add_argument("--eta-start", type=float, default=1.0,
                    help="eta at the latent, decaying linearly to 0 (default 1, the paper's t/2000)")
-    g.add_argument("--refine", type=int, default=0,
-                   help="fixed-point iterations per inversion step (default 0; see diffusion.ddim_invert)")
     g.add_argument("--cols", type=int, default=16, help="images per block of edit.png (default 16)")
     return p
 

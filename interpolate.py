@@ -115,6 +115,14 @@ def measure(paths: torch.Tensor, a: torch.Tensor, b: torch.Tensor, delta: float)
 DEFAULTS = C.SampleConfig(n=32)  # 32 pairs
 
 
+def add_inversion_args(g) -> None:
+    """--depth and --refine: how far and how exactly the images are inverted (App. M and N)."""
+    g.add_argument("--depth", type=float, default=0.5,
+                   help="fraction of the respaced steps to invert (default 0.5, the paper's 2000 of 4000)")
+    g.add_argument("--refine", type=int, default=0,
+                   help="fixed-point iterations per inversion step (default 0; see diffusion.ddim_invert)")
+
+
 def build_parser():
     from sample import add_sample_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +131,7 @@ def build_parser():
     g = p.add_argument_group("interpolation (App. M)")
     g.add_argument("--out", required=True, help="output directory for interp_path.png and interp.json")
     g.add_argument("--frames", type=int, default=9, help="images per path, endpoints included (default 9)")
-    g.add_argument("--depth", type=float, default=0.5,
-                   help="fraction of the respaced steps to invert (default 0.5, the paper's 2000 of 4000)")
-    g.add_argument("--refine", type=int, default=0,
-                   help="fixed-point iterations per inversion step (default 0; see diffusion.ddim_invert)")
+    add_inversion_args(g)
     g.add_argument("--rows", type=int, default=8, help="pairs shown in interp_path.png (default 8)")
     return p
 
