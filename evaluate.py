@@ -33,8 +33,8 @@ only (``hist_n`` of them; NaN when there are none):
   KLD   = KL(h || U) = sum_i h_i log(h_i n), empty bins contributing 0.
 
 metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
-middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_n (period-2 and period-4
-strength of the middle columns, see comb_strength), column_counts {centre column: samples},
+middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_8, comb_n (period-2, -4 and
+-8 strength of the middle columns, see comb_strength), column_counts {centre column: samples},
 sample_seconds, sampler, eta, guidance_at}}, fractions in [0, 1]. guidance_at (xt | mu, see
 diffusion.GaussianDiffusion.guidance_point) applies to the guided methods; uncond records xt.
 """
@@ -201,10 +201,11 @@ def comb_strength(columns, period: int) -> float:
 
 
 def middle_comb(columns, size: int, lo: float = 0.2, hi: float = 0.8) -> dict:
-    """comb_2 and comb_4 of the columns inside the unseen middle z in [lo, hi] (NaN if none)."""
+    """comb_2, comb_4, comb_8 of the columns inside the unseen middle z in [lo, hi] (NaN if none):
+    the periods of 1, 2 and 3 stride-2 downsamplings (the cpu classifier has 2 at 32 px, 3 at 64)."""
     c = np.asarray(columns)
     c = c[(c >= lo * (size - 1)) & (c <= hi * (size - 1))]
-    return {"comb_2": comb_strength(c, 2), "comb_4": comb_strength(c, 4), "comb_n": int(len(c))}
+    return {**{f"comb_{p}": comb_strength(c, p) for p in (2, 4, 8)}, "comb_n": int(len(c))}
 
 
 def summarize(images) -> dict:

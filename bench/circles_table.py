@@ -32,7 +32,7 @@ from toy_circles import band_positions  # noqa: E402
 from train_speed import matmul_peak  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 KEYS = ["accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two", "hist_mse",
-        "hist_kld", "hist_n", "comb_2", "comb_4"]
+        "hist_kld", "hist_n", "comb_2", "comb_4", "comb_8"]
 PCT = {"accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two"}
 
 

@@ -164,3 +164,4 @@ def test_comb_strength_pinned():
     # the middle of a 32-px image is columns 6.2..24.8: the bands' columns are left out
     m = evaluate.middle_comb([1, 2, 8, 10, 12, 30], 32)
     assert m["comb_n"] == 3 and m["comb_2"] == pytest.approx(1.0) and m["comb_4"] == pytest.approx(1 / 3)
+    assert m["comb_8"] == pytest.approx(1 / 3)   # x = 8, 10, 12 -> 1, -i, -1: |-i| / 3
