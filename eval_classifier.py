@@ -38,6 +38,7 @@ model, arch, image_size, channels, num_classes, attribute, temperature, metrics,
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -212,6 +213,55 @@ def true_latent(data_dir: str, attribute: str, files) -> np.ndarray | None:
     where = {f: i for i, f in enumerate(lat["file"])}
     z = lat[column][[where[f] for f in files]]
     return 1.0 - z if flipped else z
+
+
+# ----- the stand-in's true-latent proxy (evaluate_faces: the "z_" columns) ---------------------
+
+ZREG_STEPS = 400
+
+
+def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: int = 64,
+               cache_dir: str | None = None, path: str | None = None, progress: bool = False):
+    """The stand-in's true-latent proxy for ``clf.attribute`` (None when there is no true latent):
+    the clean-classifier architecture with one output, trained with MSE on the true z of every
+    train image; cached at ``path`` (default beside the evaluation classifier) for this data folder,
+    attribute, size and steps. Returns a function uint8 NHWC -> predicted z."""
+    from celeba import CelebAData
+    from classifier import NoisyClassifier
+    attr, size = clf.attribute, clf.image_size
+    if true_latent(data_dir, attr, []) is None:
+        return None
+    key = {"data_dir": os.path.realpath(data_dir), "attribute": attr, "image_size": size, "steps": steps,
+           "arch": clf.arch}
+    model = NoisyClassifier(size, 3, 1, **clf.arch)
+
+    def predict(images_u8) -> np.ndarray:
+        return logits_of(model, images_u8, device)[:, 0]
+
+    ck = torch.load(path, map_location="cpu", weights_only=False) if path and os.path.isfile(path) else None
+    if ck is not None and ck.get("key") == key:
+        model.load_state_dict(ck["model"])
+        model = model.to(device).eval()
+        predict.quality = ck.get("quality", {})
+        return predict
+    data = CelebAData(data_dir, size, attr, "train", flip=False, cache_dir=cache_dir, progress=progress)
+    # The clean-classifier recipe with one output and MSE (eval_classifier.train_clean_classifier).
+    target = SimpleNamespace(images=data.images, labels=true_latent(data_dir, attr, data.files).astype(np.float32))
+    model = train_clean_classifier(target, steps, batch_size, 1e-3, 0, device, clf.arch, num_classes=1,
+                                   progress=progress)
+    quality = {}
+    try:  # held-out quality on the test split (the stand-in has true latents for every split)
+        test = CelebAData(data_dir, size, attr, "test", flip=False, cache_dir=cache_dir, progress=progress)
+        zt, pt = true_latent(data_dir, attr, test.files), predict(test.images)
+        quality = dict(test_rmse=float(np.sqrt(np.mean((pt - zt) ** 2))),
+                       test_corr=float(np.corrcoef(pt, zt)[0, 1]), test_n=len(zt))
+    except UserError:
+        pass
+    if path:
+        save_atomic({"kind": "zregressor", "key": key, "quality": quality,
+                     "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    predict.quality = quality
+    return predict
 
 
 # ----- the evaluation classifier ----------------------------------------------------------------

@@ -18,7 +18,8 @@ reference. Per row and attribute, on the p of every image:
   frac_03_07, frac_04_06  fraction with p in [0.3, 0.7], [0.4, 0.6];
   z_frac_03_07 (stand-in only)  fraction whose *true-latent proxy* lies in [0.3, 0.7]: a z-regressor
                        (the clean-classifier architecture with one output, MSE on the true latent of
-                       every train image of toy_faces), cached as ``<eval classifier dir>/zreg_<Attr>.pt``.
+                       every train image of toy_faces; eval_classifier.zregressor), cached as
+                       ``<eval classifier dir>/zreg_<Attr>.pt``.
 With two attributes (§6, 4 corner classes) the keys carry the attribute (``hist_mse_Smiling``) and
 each row also has ``center_03_07`` (both p in [0.3, 0.7]) and ``heatmap_counts`` (20 x 20 counts
 of (p_1, p_2), rows = p_1 bins); on the stand-in also ``z_center_03_07`` and ``z_heatmap_counts``,
@@ -37,15 +38,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
-import torch
 
-from checkpoint import UserError, ckpt_path, from_uint8, save_atomic, to_uint8
+from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from config import SampleConfig
 from celeba import CelebAData, attribute_slug
-from eval_classifier import EvalClassifier, eval_path, logits_of, train_clean_classifier, true_latent
+from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
 from evaluate import hist_kld, hist_mse, histogram
 from memorisation import memorisation_report
 
@@ -57,7 +56,6 @@ PAPER = {"multi": {"hist_mse": 0.13, "hist_kld": 0.61}, "train": {"hist_mse": 0.
          "uncond": {"hist_mse": 0.64, "hist_kld": 3.5}}  # §5.1, Smiling, 10k samples at 64 px
 PAPER_SWEEP = {75.0: {"hist_mse": 0.065, "hist_kld": 0.188}, 30.0: {"hist_mse": 0.13, "hist_kld": 0.61}}
 HEAT_BINS = 20
-ZREG_STEPS = 400
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,49 +152,6 @@ def train_images(cfg, progress: bool = False):
     images = np.array(data.images)  # a writable copy (the cache is a read-only memmap)
     _, first = np.unique(np.asarray(data.index), return_index=True)
     return images, np.sort(first)
-
-
-def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: int = 64,
-               cache_dir: str | None = None, path: str | None = None, progress: bool = False):
-    """The stand-in's true-latent proxy for ``clf.attribute`` (None when there is no true latent):
-    the clean-classifier architecture with one output, trained with MSE on the true z of every
-    train image; cached at ``path`` (default beside the evaluation classifier) for this data folder,
-    attribute, size and steps. Returns a function uint8 NHWC -> predicted z."""
-    from classifier import NoisyClassifier
-    attr, size = clf.attribute, clf.image_size
-    if true_latent(data_dir, attr, []) is None:
-        return None
-    key = {"data_dir": os.path.realpath(data_dir), "attribute": attr, "image_size": size, "steps": steps,
-           "arch": clf.arch}
-    model = NoisyClassifier(size, 3, 1, **clf.arch)
-
-    def predict(images_u8) -> np.ndarray:
-        return logits_of(model, images_u8, device)[:, 0]
-
-    ck = torch.load(path, map_location="cpu", weights_only=False) if path and os.path.isfile(path) else None
-    if ck is not None and ck.get("key") == key:
-        model.load_state_dict(ck["model"])
-        model = model.to(device).eval()
-        predict.quality = ck.get("quality", {})
-        return predict
-    data = CelebAData(data_dir, size, attr, "train", flip=False, cache_dir=cache_dir, progress=progress)
-    # The clean-classifier recipe with one output and MSE (eval_classifier.train_clean_classifier).
-    target = SimpleNamespace(images=data.images, labels=true_latent(data_dir, attr, data.files).astype(np.float32))
-    model = train_clean_classifier(target, steps, batch_size, 1e-3, 0, device, clf.arch, num_classes=1,
-                                   progress=progress)
-    quality = {}
-    try:  # held-out quality on the test split (the stand-in has true latents for every split)
-        test = CelebAData(data_dir, size, attr, "test", flip=False, cache_dir=cache_dir, progress=progress)
-        zt, pt = true_latent(data_dir, attr, test.files), predict(test.images)
-        quality = dict(test_rmse=float(np.sqrt(np.mean((pt - zt) ** 2))),
-                       test_corr=float(np.corrcoef(pt, zt)[0, 1]), test_n=len(zt))
-    except UserError:
-        pass
-    if path:
-        save_atomic({"kind": "zregressor", "key": key, "quality": quality,
-                     "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
-    predict.quality = quality
-    return predict
 
 
 # ----------------------------------------------------------------------------------------------
