@@ -58,7 +58,7 @@ def edit(model, diffusion: GaussianDiffusion, x0: torch.Tensor, step: int, guida
 
 def disc_z(img: np.ndarray):
     """z of the one disc of a uint8 image (evaluate.py's detector), or None (0 or 2+ discs, a blob)."""
-    from evaluate import components
+    from detector import components
     discs, _, blobs = components(img)
     return float(discs[0, 0] / (img.shape[1] - 1)) if len(discs) == 1 and not blobs else None
 

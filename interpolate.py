@@ -89,7 +89,7 @@ def circle_pairs(size: int, delta: float, n: int, seed: int = 0):
 
 def path_ok(frames_uint8: np.ndarray, delta: float) -> tuple[bool, list]:
     """(monotone left -> right with >= 1 frame in the middle, centre z per frame or None)."""
-    from evaluate import detect_discs
+    from detector import detect_discs
     size = frames_uint8.shape[2]
     zs = []
     for im in frames_uint8:

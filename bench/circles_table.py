@@ -13,7 +13,7 @@ then samples --n images per method with evaluate.py (cached in each directory) a
     the middle;
   * per method: mean ± std over all (DDPM seed, classifier seed) pairs of accuracy, blob, zero,
     two-or-more and zero-or-two rates, histogram MSE / KLD (with the histogram's n), and the comb
-    strength of the middle columns (evaluate.comb_strength, period 2 and 4; ~0 when smooth).
+    strength of the middle columns (detector.comb_strength, periods 2, 4 and 8; ~0 when smooth).
 The paper reports mean ± std over 10 classifiers on one DDPM (78 % ± 8.7 % plain, 75 % ± 13.3 %
 spectral norm). Wall time is printed beside the fp32 matmul GFLOP/s measured in the same run.
 """

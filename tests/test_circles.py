@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from evaluate import circle_stats, components, detect_discs, expected_disc
+from detector import circle_stats, components, detect_discs, expected_disc
 from toy_circles import CirclesData, band_positions, make_circles, render_disc
 
 

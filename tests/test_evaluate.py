@@ -13,7 +13,9 @@ import pytest
 import config as C
 import evaluate
 from checkpoint import UserError
-from evaluate import circle_stats, format_table, hist_kld, hist_mse, histogram, summarize
+import detector
+from detector import circle_stats
+from evaluate import format_table, hist_kld, hist_mse, histogram, summarize
 from test_training import assert_one_line_error, run_cli
 
 
@@ -154,14 +156,14 @@ def test_empty_histogram_is_nan_not_zero():
 
 def test_comb_strength_pinned():
     """|DFT at 1/period| / count: 1 for columns all equal modulo the period, 0 for one of each."""
-    assert evaluate.comb_strength([2, 4, 6, 8], 2) == pytest.approx(1.0)
-    assert evaluate.comb_strength([3, 7, 11], 4) == pytest.approx(1.0)
-    assert evaluate.comb_strength(range(8), 2) == pytest.approx(0.0, abs=1e-12)
-    assert evaluate.comb_strength(range(8), 4) == pytest.approx(0.0, abs=1e-12)
-    assert evaluate.comb_strength([0, 0, 0, 1], 2) == pytest.approx(0.5)      # |3 - 1| / 4
-    assert evaluate.comb_strength([0, 1], 4) == pytest.approx(2 ** 0.5 / 2)   # |1 - i| / 2
-    assert math.isnan(evaluate.comb_strength([], 2))
+    assert detector.comb_strength([2, 4, 6, 8], 2) == pytest.approx(1.0)
+    assert detector.comb_strength([3, 7, 11], 4) == pytest.approx(1.0)
+    assert detector.comb_strength(range(8), 2) == pytest.approx(0.0, abs=1e-12)
+    assert detector.comb_strength(range(8), 4) == pytest.approx(0.0, abs=1e-12)
+    assert detector.comb_strength([0, 0, 0, 1], 2) == pytest.approx(0.5)      # |3 - 1| / 4
+    assert detector.comb_strength([0, 1], 4) == pytest.approx(2 ** 0.5 / 2)   # |1 - i| / 2
+    assert math.isnan(detector.comb_strength([], 2))
     # the middle of a 32-px image is columns 6.2..24.8: the bands' columns are left out
-    m = evaluate.middle_comb([1, 2, 8, 10, 12, 30], 32)
+    m = detector.middle_comb([1, 2, 8, 10, 12, 30], 32)
     assert m["comb_n"] == 3 and m["comb_2"] == pytest.approx(1.0) and m["comb_4"] == pytest.approx(1 / 3)
     assert m["comb_8"] == pytest.approx(1 / 3)   # x = 8, 10, 12 -> 1, -i, -1: |-i| / 3
