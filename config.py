@@ -44,6 +44,8 @@ class DataConfig:
 
 @dataclass
 class UNetConfig:
+    """The denoising network (the group keeps its historical name "unet"; ``arch`` picks it)."""
+    arch: str = knob("unet", "denoising backbone: unet (Nichol & Dhariwal, the paper's) (models.build_model)")
     model_channels: int = knob(16, "base width of the UNet")
     channel_mult: tuple = knob((1, 2, 4), "width multiplier per resolution (one downsampling between each)")
     num_res_blocks: int = knob(1, "residual blocks per resolution")

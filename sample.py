@@ -36,7 +36,7 @@ from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pic
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from guidance import multi_guidance, parse_lambdas, single_guidance
-from unet import UNet
+from models import build_model
 
 
 def inference_layout(model: torch.nn.Module, device) -> torch.nn.Module:
@@ -55,7 +55,7 @@ def inference_layout(model: torch.nn.Module, device) -> torch.nn.Module:
 def load_ddpm(run: str, device, use_ema: bool = True):
     ck = load_checkpoint(run, "ddpm")
     cfg = C.from_dict(ck["config"])
-    model = UNet.from_config(cfg["data"], cfg["unet"])
+    model = build_model(cfg)
     model.load_state_dict(ck["ema" if use_ema else "model"])
     return inference_layout(model, device), cfg
 

@@ -42,7 +42,7 @@ from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from trainer import (Dist, Job, Shard, close_distributed, finish_model, fit, init_distributed,
                      per_rank)
-from unet import UNet
+from models import build_model
 
 C_NAMES = ("ddpm", "classifier", "classifier_sn")
 # Every model of a run sees the same images and the same noise schedule.
@@ -156,7 +156,7 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
     bs = per_rank(tc.batch_size, dist)
     with config_errors():
         diffusion = GaussianDiffusion.from_config(cfg["diffusion"]).to(device)
-        model = UNet.from_config(cfg["data"], cfg["unet"]).to(device)
+        model = build_model(cfg).to(device)
     if dist.main:
         print(f"ddpm: {len(data) * dist.world} training images {cfg['data'].image_size}x"
               f"{cfg['data'].image_size}, preset {preset}")

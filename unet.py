@@ -165,12 +165,15 @@ class UNet(nn.Module):
                  model_channels=UNetConfig.model_channels, channel_mult=UNetConfig.channel_mult,
                  num_res_blocks=UNetConfig.num_res_blocks,
                  attention_resolutions=UNetConfig.attention_resolutions,
-                 num_head_channels=UNetConfig.num_head_channels, dropout=UNetConfig.dropout):
+                 num_head_channels=UNetConfig.num_head_channels, dropout=UNetConfig.dropout,
+                 out_channels: int | None = None):
         super().__init__()
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(channel_mult {channel_mult}); change --image-size or --channel-mult")
         self.image_size, self.channels = image_size, channels
+        # out_channels = 2 * channels when the network also predicts the variance (models.py).
+        self.out_channels = out_channels or channels
         ch, emb_dim = model_channels, 4 * model_channels
         self.time_embed = TimeEmbedding(ch)
         self.down, skips, cur, res = build_encoder(channels, ch, channel_mult, num_res_blocks,
@@ -190,11 +193,11 @@ class UNet(nn.Module):
                     layers.append(Upsample(cur))
                     res *= 2
                 self.up.append(Sequence(layers))
-        self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, self.out_channels, 3, padding=1)))
 
     @classmethod
-    def from_config(cls, data_cfg, unet_cfg):
-        return cls(image_size=data_cfg.image_size, channels=data_cfg.channels,
+    def from_config(cls, data_cfg, unet_cfg, out_channels: int | None = None):
+        return cls(out_channels=out_channels, image_size=data_cfg.image_size, channels=data_cfg.channels,
                    model_channels=unet_cfg.model_channels, channel_mult=unet_cfg.channel_mult,
                    num_res_blocks=unet_cfg.num_res_blocks,
                    attention_resolutions=unet_cfg.attention_resolutions,

@@ -19,7 +19,7 @@ from checkpoint import pick_device  # noqa: E402
 from classifier import NoisyClassifier  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from guidance import multi_guidance, single_guidance  # noqa: E402
-from unet import UNet  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
         src = a.run
     else:
         cfg = C.make_config("circles", "cpu")
-        model = UNet.from_config(cfg["data"], cfg["unet"]).eval().requires_grad_(False)
+        model = build_model(cfg).eval().requires_grad_(False)
         clf = NoisyClassifier.from_config(cfg["data"], cfg["classifier"]).eval().requires_grad_(False)
         src = "untrained cpu preset"
     d = GaussianDiffusion.from_config(cfg["diffusion"], respaced=True)

@@ -26,7 +26,7 @@ from classifier import NoisyClassifier  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from guidance import multi_guidance  # noqa: E402
 from train_speed import matmul_peak  # noqa: E402
-from unet import UNet  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def flops_of(fn) -> int:
@@ -60,7 +60,7 @@ def load_models(run):
         model, cfg = load_ddpm(run, "cpu")
         return model, load_classifier(run, "classifier", "cpu", cfg), cfg, run
     cfg = C.make_config("circles", "cpu")
-    model = UNet.from_config(cfg["data"], cfg["unet"]).eval().requires_grad_(False)
+    model = build_model(cfg).eval().requires_grad_(False)
     clf = NoisyClassifier.from_config(cfg["data"], cfg["classifier"]).eval().requires_grad_(False)
     return model, clf, cfg, "untrained cpu preset"
 

@@ -19,7 +19,7 @@ import config as C  # noqa: E402
 from checkpoint import pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from toy_circles import CirclesData  # noqa: E402
-from unet import UNet  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def matmul_peak(n=2048, reps=10):
@@ -41,7 +41,7 @@ def main():
     pick_device("cpu")  # sets the CPU thread count
     cfg = C.make_config("circles", a.preset)
     bs = a.batch_size or cfg["train"].batch_size
-    model = UNet.from_config(cfg["data"], cfg["unet"])
+    model = build_model(cfg)
     diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
     data = CirclesData(cfg["data"].image_size, cfg["data"].delta)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
