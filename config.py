@@ -52,6 +52,9 @@ class UNetConfig:
     attention_resolutions: tuple = knob((8,), "resolutions (in px) with self-attention")
     num_head_channels: int = knob(32, "channels per attention head")
     dropout: float = knob(0.0, "dropout in the residual blocks")
+    # False is also what a checkpoint written before this option existed gets: unconditional.
+    class_cond: bool = knob(False, "class-conditional denoiser eps(x_t, t, y) with a learned null label, "
+                                   "for classifier-free guidance (App. J; sample with --guidance cfg)")
 
 
 @dataclass
@@ -90,6 +93,8 @@ class TrainConfig:
     save_every: int = knob(500, "checkpoint every N steps (and at the end)")
     log_every: int = knob(50, "log loss/lr/images-per-s every N steps (the only host syncs)")
     seed: int = knob(0, "seed of initialisation and data order (classifier_sn uses seed + 1000)")
+    label_dropout: float = knob(0.1, "with --class-cond: probability that a training label is replaced "
+                                     "by the null label (trains the unconditional eps(x_t, t, null))")
 
 
 @dataclass
@@ -103,9 +108,12 @@ class SampleConfig:
     seed: int = knob(0, "sampling seed")
     steps: int = knob(0, "respaced sampling steps; 0 = the run's sample_steps")
     device: str | None = knob(None, "cuda, cuda:N, mps or cpu; default: the best available")
-    guidance: str = knob("none", "none | single (§2.2) | multi (§4.2, Eq. 2)")
+    guidance: str = knob("none", "none | single (§2.2) | multi (§4.2, Eq. 2) | cfg (App. J, Eq. 12: "
+                                 "classifier-free multi-guidance; needs a DDPM trained with --class-cond)")
     lambdas: str | None = knob(None, "multi-guidance lambda per class, e.g. 30,30 (default: --scale each)")
     scale: float = knob(30.0, "lambda of single guidance, and of every class if no --lambdas")
+    cfg_form: str = knob("affine", "--guidance cfg weights: affine (-lambda, 1 + lambda: they sum to 1) | "
+                                   "printed (-lambda, 1 - lambda: Eq. 12 as printed); see classifier_free.py")
     target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
     classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
     sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
@@ -195,6 +203,14 @@ def from_dict(d: dict) -> dict:
                 if k in _names(cls)}
         out[g] = cls(**vals)
     return out
+
+
+def num_classes_of(dcfg) -> int:
+    """Classes of a run's labels: two for one attribute (or the circles' two sides); 2^k corners
+    for k attributes (§6). The guidance classifiers and a class-conditional DDPM both use it."""
+    if dcfg.dataset == "celeba":
+        return 2 ** len([a for a in dcfg.attribute.split(",") if a.strip()])
+    return 2
 
 
 def _names(cls) -> set:

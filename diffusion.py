@@ -170,6 +170,14 @@ class GaussianDiffusion:
             return out
         return self._at("sqrt_1m_ab", t, xt.shape) * xt + self._at("sqrt_ab", t, xt.shape) * out
 
+    def eps_to_model(self, eps, xt, t):
+        """The inverse of ``model_eps``: an eps-prediction in the network's parameterisation,
+        v = (eps - sqrt(1 - abar) x_t) / sqrt(abar). Lets a wrapper that combines predictions in
+        eps space (classifier_free.py) hand its result back as if a network had made it."""
+        if self.prediction == "eps":
+            return eps
+        return (eps - self._at("sqrt_1m_ab", t, xt.shape) * xt) / self._at("sqrt_ab", t, xt.shape)
+
     def target(self, x0, noise, t):
         """What the network regresses: eps (Ho et al.) or v."""
         if self.prediction == "eps":

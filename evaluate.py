@@ -8,7 +8,9 @@ A CelebA run (--dataset celeba) is measured by evaluate_faces.py instead (§5.1,
 App. H; its flags are the "CelebA runs" group below).
 
 Methods: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = [30, 30], plain classifier),
-``multi_sn`` (same with the spectral-norm classifier). By default every method whose checkpoints
+``multi_sn`` (same with the spectral-norm classifier), ``cfg`` (classifier-free multi-guidance, App. J,
+Eq. 12, lambda = the mean of --lambdas, weights --cfg-form; only for a DDPM trained with
+--class-cond, whose ``uncond`` row is its null label). By default every method whose checkpoints
 exist is evaluated (the others are skipped with a one-line note); methods named with --methods
 must exist. For each, 512 samples are drawn (or read back from ``<run>/eval_<method>.npz`` if
 present with the same settings) and measured with:
@@ -27,7 +29,9 @@ metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two
 middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_8, comb_n (period-2, -4 and
 -8 strength of the middle columns, see comb_strength), column_counts {centre column: samples},
 sample_seconds, sampler, eta, guidance_at}}, fractions in [0, 1]. guidance_at (xt | mu, see
-diffusion.GaussianDiffusion.guidance_point) applies to the guided methods; uncond records xt.
+diffusion.GaussianDiffusion.guidance_point) applies to the classifier-guided methods; uncond and cfg
+record xt. The cfg row also records lambdas, cfg_form, cfg_lambda, cfg_class_weights,
+cfg_null_weight and cfg_average_weight (classifier_free.describe).
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ METHODS = {  # name -> (guidance, classifier)
     "uncond": ("none", None),
     "multi": ("multi", "classifier"),
     "multi_sn": ("multi", "classifier_sn"),
+    "cfg": ("cfg", None),  # classifier-free (App. J): needs a class-conditional DDPM, no classifier
 }
 # Paper §5.5 (mean ± std over 10 classifiers); None where the paper gives no number.
 PAPER = {"multi": {"accuracy": (0.78, 0.087), "zero_or_two": (0.0425, 0.0245)},
@@ -84,19 +89,20 @@ PAPER = {"multi": {"accuracy": (0.78, 0.087), "zero_or_two": (0.0425, 0.0245)},
 
 
 def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, models, resample=False,
-                   sampler="ancestral", eta=0.0, guidance_at="xt"):
+                   sampler="ancestral", eta=0.0, guidance_at="xt", cfg_form="affine"):
     """uint8 samples of one method, read from the cache if it was made with the same settings."""
     from sample import generate
     guidance, clf = METHODS[method]
     stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
         ([os.path.getmtime(ckpt_path(run, clf))] if clf else [])
-    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if clf else None,
+    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if guidance != "none" else None,
                            "steps": steps, "stamp": stamp}
                           # DDIM is part of the key; ancestral keeps the key it always had, so
                           # earlier caches stay valid.
                           | ({"sampler": sampler, "eta": eta} if sampler != "ancestral" else {})
                           # Likewise guidance at mu: the key of guided samples at x_t is unchanged.
-                          | ({"guidance_at": guidance_at} if clf and guidance_at != "xt" else {}))
+                          | ({"guidance_at": guidance_at} if clf and guidance_at != "xt" else {})
+                          | ({"cfg_form": cfg_form} if guidance == "cfg" else {}))
     path = os.path.join(run, f"eval_{method}.npz")
     if not resample and os.path.exists(path):
         z = np.load(path)
@@ -105,7 +111,7 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
     t0 = time.time()
     x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas, classifier=clf or "classifier",
                  progress=True, models=models, sampler=sampler, eta=eta,
-                 guidance_at=guidance_at if clf else "xt")
+                 guidance_at=guidance_at if clf else "xt", cfg_form=cfg_form)
     seconds = time.time() - t0
     images = to_uint8(x)
     np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
@@ -232,14 +238,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def select_methods(run: str, methods=None, log=print) -> list:
+def select_methods(run: str, methods=None, log=print, class_cond: bool = False) -> list:
     """The methods to evaluate. Named ones must have their classifier (else a one-line error);
-    by default (None) every method whose checkpoints exist, with one line naming the skipped ones."""
+    by default (None) every method whose checkpoints exist, with one line naming the skipped ones.
+    ``cfg`` needs a class-conditional DDPM (``class_cond``): by default it is left out without one."""
     requested = methods is not None
-    methods = list(METHODS) if methods is None else list(methods)
+    methods = [m for m in METHODS if m != "cfg" or class_cond] if methods is None else list(methods)
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if "cfg" in methods:
+        from classifier_free import require_class_cond
+        require_class_cond(class_cond, run, "method cfg")
     if not methods:
         raise UserError(f"no method to evaluate; choose from {', '.join(METHODS)}")
     missing = [m for m in methods if METHODS[m][1] and not os.path.exists(ckpt_path(run, METHODS[m][1]))]
@@ -263,7 +273,7 @@ def run_dataset(run: str) -> str:
 
 def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambdas=None, steps=None, methods=None,
                  device=None, resample=False, figures=True, write_metrics=True, log=print,
-                 sampler="ancestral", eta=0.0, guidance_at="xt", **faces) -> dict:
+                 sampler="ancestral", eta=0.0, guidance_at="xt", cfg_form="affine", **faces) -> dict:
     """Sample (or read back) every method, measure it, and write metrics.json and the figures.
 
     ``methods`` None: every method whose checkpoints exist (see ``select_methods``). ``lambdas``
@@ -286,16 +296,21 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
     cfg = models[1]
     if cfg["data"].dataset != "circles":
         raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
-    methods = select_methods(run, methods, log)
+    methods = select_methods(run, methods, log, class_cond=cfg["unet"].class_cond)
     delta = cfg["data"].delta
     stats, metrics = {}, {}
     for m in methods:
         images, seconds, cached = method_samples(run, m, n, batch_size, seed, lambdas, steps, device,
-                                                 models, resample, sampler, eta, guidance_at)
+                                                 models, resample, sampler, eta, guidance_at, cfg_form)
         log(f"{m}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
         stats[m] = summarize(images)
         metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds, sampler=sampler, eta=eta,
                           guidance_at=guidance_at if METHODS[m][1] else "xt")
+        if METHODS[m][0] == "cfg":
+            from classifier_free import describe
+            from guidance import parse_lambdas
+            k = C.num_classes_of(cfg["data"])
+            metrics[m].update(lambdas=lambdas, **describe(parse_lambdas(lambdas, k), cfg_form))
         if figures:
             save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
     if figures:
@@ -317,7 +332,8 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
     return metrics
 
 
-EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta", "guidance_at")  # of config.SampleConfig
+EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta", "guidance_at",
+              "cfg_form")  # of config.SampleConfig
 EVAL_DEFAULTS = C.SampleConfig(n=512, lambdas="30,30")  # 512 samples per method, lambda = [30, 30] (§5.5)
 
 
@@ -347,10 +363,16 @@ def main(argv=None):
     s, typed = sample_config(a, EVAL_DEFAULTS)
     check_sampler(s.sampler, s.eta, s.guidance_at)
     methods = None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
-    for flag in ("lambdas", "guidance_at"):
+    uses = {"lambdas": lambda m: METHODS[m][0] != "none", "guidance_at": lambda m: METHODS[m][1],
+            "cfg_form": lambda m: METHODS[m][0] == "cfg"}
+    for flag, used in uses.items():
         if flag in typed and methods is not None and set(methods) <= set(METHODS) \
-                and all(METHODS[m][0] == "none" for m in methods):  # typed but would be ignored
-            raise UserError(f"--{flag.replace('_', '-')} only applies to the guided methods (multi, multi_sn)")
+                and not any(used(m) for m in methods):  # typed but would be ignored
+            raise UserError(f"--{flag.replace('_', '-')} only applies to the "
+                            f"{'cfg method' if flag == 'cfg_form' else 'guided methods'} "
+                            f"({', '.join(m for m in METHODS if used(m))})")
+    from classifier_free import check_form
+    check_form(s.cfg_form)
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)  # also sets the CPU threads
@@ -365,7 +387,8 @@ def main(argv=None):
         raise UserError(f"{' '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to CelebA runs")
     t0 = time.time()
     metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas or "30,30", s.steps or None, methods,
-                           device, a.resample, sampler=s.sampler, eta=s.eta, guidance_at=s.guidance_at)
+                           device, a.resample, sampler=s.sampler, eta=s.eta, guidance_at=s.guidance_at,
+                           cfg_form=s.cfg_form)
     print(format_table(metrics))
     heat = any(os.path.exists(ckpt_path(s.run, c)) for c in ("classifier", "classifier_sn"))
     files = ["metrics.json"] + [f"grid_{m}.png" for m in metrics] + ["hist_z.png"] + \

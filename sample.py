@@ -6,6 +6,7 @@
     python sample.py --run runs/circles --guidance single --scale 30 --target 1
     python sample.py --run runs/circles --sampler ddim --eta 0           # DDIM (Song et al. 2021)
     python sample.py --run runs/circles --guidance multi --guidance-at mu  # grad at mu_theta (§2.2)
+    python sample.py --run runs/cfg --guidance cfg --scale 3     # classifier-free (App. J, Eq. 12)
 
 The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
 declared once in config.SampleConfig (evaluate.py shares them). --steps 0 means the run's
@@ -14,6 +15,8 @@ sample_steps; --target -1 alternates the classes over the batch. --lambdas, --sc
 --eta only applies to --sampler ddim; with DDIM, guidance shifts eps^ instead of the mean (see
 diffusion.GaussianDiffusion.ddim_eps_x0). --guidance-at mu evaluates the classifier gradient at the
 posterior mean instead of x_t (diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
+--guidance cfg (a DDPM trained with --class-cond) needs no classifier: --lambdas / --scale give
+lambda, --cfg-form the weights (classifier_free.py).
 
 Writes ``<out>/samples_<tag>.npz`` (uint8 images [N, H, W, C] + the settings) and a PNG grid;
 --out defaults to the run directory, --tag to the guidance mode. Existing samples are never
@@ -35,6 +38,7 @@ import config as C
 from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pick_device, to_uint8
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
+from classifier_free import check_cfg_flags, guided_model
 from guidance import multi_guidance, parse_lambdas, single_guidance
 from models import build_model
 
@@ -105,13 +109,13 @@ def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
 def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
             lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
             classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
-            guidance_at: str = "xt"):
+            guidance_at: str = "xt", cfg_form: str = "affine"):
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
     Returns ``draw(n, batch_size, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
     float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM."""
-    if guidance not in ("none", "single", "multi"):
-        raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
+    if guidance not in GUIDANCE:
+        raise UserError(f"unknown --guidance {guidance!r}; use {', '.join(GUIDANCE)}")
     check_sampler(sampler, eta, guidance_at)
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
@@ -120,7 +124,9 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
     if not 2 <= steps <= dcfg.timesteps:
         raise UserError(f"--steps {steps} is outside 2..{dcfg.timesteps} (the model's T)")
     diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps).to(device)
-    clf = load_classifier(run, classifier, device, cfg) if guidance != "none" else None
+    if guidance == "cfg":  # the classifier-free wrapper is the "network" the sampler calls
+        model = guided_model(model, cfg, lambdas, scale, cfg_form, device, run)
+    clf = load_classifier(run, classifier, device, cfg) if guidance in ("single", "multi") else None
     g = None
     if guidance == "multi":
         lam = parse_lambdas(lambdas, clf.num_classes) if lambdas else torch.full((clf.num_classes,), scale)
@@ -151,10 +157,10 @@ def generate(run: str, n: int, batch_size: int = C.SampleConfig.batch_size, seed
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
              progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,
-             guidance_at: str = "xt") -> torch.Tensor:
+             guidance_at: str = "xt", cfg_form: str = "affine") -> torch.Tensor:
     """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
     return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
-                   guidance_at)(n, batch_size, seed, progress)
+                   guidance_at, cfg_form)(n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
@@ -179,6 +185,7 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool =
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
+GUIDANCE = ("none", "single", "multi", "cfg")
 GUIDED_FLAGS = ("lambdas", "scale", "target", "classifier", "guidance_at")
 
 
@@ -201,8 +208,9 @@ def sample_config(args: argparse.Namespace, defaults: C.SampleConfig | None = No
 
 def check_guidance_flags(guidance: str, typed) -> None:
     """A flag the chosen guidance would ignore is an error, not silently dropped."""
-    if guidance not in ("none", "single", "multi"):
-        raise UserError(f"unknown --guidance {guidance!r}; use none, single or multi")
+    if guidance not in GUIDANCE:
+        raise UserError(f"unknown --guidance {guidance!r}; use {', '.join(GUIDANCE)}")
+    check_cfg_flags(guidance, typed)
     flags = lambda names: " ".join("--" + k.replace("_", "-") for k in names)  # noqa: E731
     if guidance == "none":
         given = [k for k in GUIDED_FLAGS if k in typed]
@@ -241,9 +249,9 @@ def main(argv=None):
     models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
     draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
                    None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
-                   s.guidance_at)
+                   s.guidance_at, s.cfg_form)
     out = a.out or s.run
-    tag = a.tag or (s.guidance if s.guidance == "none" else f"{s.guidance}_{s.classifier}")
+    tag = a.tag or {"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
     npz = os.path.join(out, f"samples_{tag}.npz")
     png = os.path.join(out, f"samples_{tag}.png")
     existing = [f for f in (npz, png) if os.path.exists(f)]
@@ -254,11 +262,12 @@ def main(argv=None):
     t0 = time.time()
     x = draw(s.n, s.batch_size, s.seed, progress=True)
     dt = time.time() - t0
-    guided = s.guidance != "none"
+    guided, clf_guided = s.guidance != "none", s.guidance in ("single", "multi")
     np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
                         lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
-                        classifier=s.classifier if guided else "", sampler=s.sampler, eta=s.eta,
-                        guidance_at=s.guidance_at if guided else "")
+                        classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
+                        guidance_at=s.guidance_at if clf_guided else "",
+                        cfg_form=s.cfg_form if s.guidance == "cfg" else "")
     data_cfg = models[1]["data"]
     save_grid(x[:64], png, marks=data_cfg.dataset == "circles", delta=data_cfg.delta)
     print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")

@@ -23,6 +23,9 @@ the images of the train split that ``data_filter.py`` kept (its index.txt); two 
 (``--attribute Smiling,Black_Hair``, §6) give the classifiers the four corner classes;
 ``--attribute Blond_Hair/Black_Hair`` is blond against black hair (§5.4, brown faces left out).
 
+Classifier-free guidance (App. J): ``--class-cond`` trains the DDPM on the labels too, each replaced
+by the null label with probability ``--label-dropout`` (0.1); sample it with ``--guidance cfg``.
+
 Several processes: ``torchrun --nproc_per_node=N train.py ...`` (DDP, see trainer.py).
 """
 from __future__ import annotations
@@ -42,7 +45,8 @@ from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from trainer import (Dist, Job, Shard, close_distributed, finish_model, fit, init_distributed,
                      per_rank)
-from models import build_model
+from models import build_model, label_classes
+from classifier_free import check_label_dropout, drop_labels
 
 C_NAMES = ("ddpm", "classifier", "classifier_sn")
 # Every model of a run sees the same images and the same noise schedule.
@@ -150,6 +154,8 @@ def config_errors():
 def train_ddpm(args, device, dist: Dist, pending=()) -> str:
     cfg, preset, ck = resolve_config(args, "ddpm", device, pending)
     tc = cfg["train"]
+    check_label_dropout(cfg["unet"].class_cond, tc.label_dropout,
+                        typed="label_dropout" in C.overrides_from_args(args))
     torch.manual_seed(tc.seed)                      # same initial weights on every rank
     gen = torch.Generator().manual_seed(tc.seed + 7919 * dist.rank)   # own data/noise per rank
     data = load_data(cfg["data"], dist)
@@ -161,11 +167,19 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
         print(f"ddpm: {len(data) * dist.world} training images {cfg['data'].image_size}x"
               f"{cfg['data'].image_size}, preset {preset}")
 
+    # Class-conditional (App. J): the labels, each dropped to the null label with probability
+    # label_dropout. An unconditional run draws nothing more, so its random stream is unchanged.
+    classes = label_classes(cfg)
+
     def batch_loss(net):
-        x0, _ = data.batch(bs, gen)
+        x0, y = data.batch(bs, gen)
         t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        return diffusion.training_loss(net, x0.to(device), t.to(device), noise.to(device))
+        if classes:
+            y = drop_labels(y, tc.label_dropout, classes, gen).to(device)
+        # Under DDP ``net`` is the wrapper (not .module), so the gradients are synchronised.
+        model_fn = (lambda x, tt: net(x, tt, y)) if classes else net
+        return diffusion.training_loss(model_fn, x0.to(device), t.to(device), noise.to(device))
 
     job = Job("ddpm", "ddpm", model, batch_loss, tc.batch_size, tc.lr, tc.steps, tc.warmup_steps,
               tc.grad_clip, gen, ema=copy.deepcopy(model).requires_grad_(False), ema_decay=tc.ema_decay)
@@ -222,11 +236,8 @@ def train_classifier(args, device, dist: Dist, spectral: bool, pending=()) -> st
     return ckpt_path(args.out, name)
 
 
-def num_classes_of(dcfg) -> int:
-    """Two classes for one attribute (or the circles' two sides); 2^k corners for k attributes."""
-    if dcfg.dataset == "celeba":
-        return 2 ** len([a for a in dcfg.attribute.split(",") if a.strip()])
-    return 2
+# Moved to config.py (models.build_model needs it too); still importable from here.
+num_classes_of = C.num_classes_of
 
 
 def clean_set(data, limit: int = 4096):

@@ -2,6 +2,8 @@
 
 Building blocks (shared with classifier.py, which is the encoder half of this network):
   * sinusoidal timestep embedding -> 2-layer MLP;
+  * optionally a class-label embedding added to it (classifier-free guidance, App. J), whose last
+    row is the null label (``null_label``: the one convention training and sampling share);
   * residual blocks whose second GroupNorm is modulated by the timestep ("scale-shift norm":
     h = norm(h) * (1 + scale) + shift), with the last conv zero-initialised so every block starts
     as the identity;
@@ -128,6 +130,31 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.ch).to(self.mlp[0].weight.dtype))
 
 
+def null_label(num_classes: int) -> int:
+    """The label index meaning "no label" for a network conditioned on ``num_classes`` classes.
+
+    The one place this convention lives: label dropout in training (classifier_free.drop_labels),
+    unconditional calls (``y=None``) and the guided sampler (classifier_free.py) all ask here, so
+    the null the network learns is the null it is asked for. Classes are 0..num_classes - 1, so
+    the null is the extra row num_classes of the embedding table."""
+    return num_classes
+
+
+class LabelEmbedding(nn.Module):
+    """y -> a vector added to the timestep embedding; ``y=None`` is the null label for every sample.
+    Backbones other than the UNet reuse it, so they share the null convention."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)   # + 1: the null label's row
+
+    def forward(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), null_label(self.num_classes), dtype=torch.long, device=device)
+        return self.table(y)
+
+
 def build_encoder(in_ch, ch, mult, n_res, attn_res, head_ch, dropout, image_size, antialias=False):
     """Input conv + per-resolution [ResBlock (+Attention)] x n_res + Downsample; returns the
     block list and the channel count of every skip connection (for the decoder)."""
@@ -158,7 +185,8 @@ class _InConv(nn.Conv2d):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t) for images of ``image_size`` and ``channels`` channels."""
+    """eps_theta(x_t, t) for images of ``image_size`` and ``channels`` channels; with
+    ``num_classes`` > 0, eps_theta(x_t, t, y), y in 0..num_classes - 1 or the null label."""
 
     # Defaults are config.py's (the cpu preset): one place for every default.
     def __init__(self, image_size=DataConfig.image_size, channels=DataConfig.channels,
@@ -166,7 +194,7 @@ class UNet(nn.Module):
                  num_res_blocks=UNetConfig.num_res_blocks,
                  attention_resolutions=UNetConfig.attention_resolutions,
                  num_head_channels=UNetConfig.num_head_channels, dropout=UNetConfig.dropout,
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, num_classes: int = 0):
         super().__init__()
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
@@ -176,6 +204,10 @@ class UNet(nn.Module):
         self.out_channels = out_channels or channels
         ch, emb_dim = model_channels, 4 * model_channels
         self.time_embed = TimeEmbedding(ch)
+        # Class conditioning as in Ho & Salimans (2022) / guided-diffusion: the label's embedding is
+        # added to the timestep embedding, which every ResBlock's scale-shift norm reads.
+        self.num_classes = num_classes
+        self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes > 0 else None
         self.down, skips, cur, res = build_encoder(channels, ch, channel_mult, num_res_blocks,
                                                    attention_resolutions, num_head_channels,
                                                    dropout, image_size)
@@ -196,15 +228,19 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, self.out_channels, 3, padding=1)))
 
     @classmethod
-    def from_config(cls, data_cfg, unet_cfg, out_channels: int | None = None):
-        return cls(out_channels=out_channels, image_size=data_cfg.image_size, channels=data_cfg.channels,
+    def from_config(cls, data_cfg, unet_cfg, out_channels: int | None = None, num_classes: int = 0):
+        return cls(out_channels=out_channels, num_classes=num_classes, image_size=data_cfg.image_size, channels=data_cfg.channels,
                    model_channels=unet_cfg.model_channels, channel_mult=unet_cfg.channel_mult,
                    num_res_blocks=unet_cfg.num_res_blocks,
                    attention_resolutions=unet_cfg.attention_resolutions,
                    num_head_channels=unet_cfg.num_head_channels, dropout=unet_cfg.dropout)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         emb = self.time_embed(t)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y, x.shape[0], x.device).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("labels given to an unconditional network (trained without --class-cond)")
         hs = []
         for block in self.down:
             x = block(x, emb)
