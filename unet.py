@@ -229,7 +229,8 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, data_cfg, unet_cfg, out_channels: int | None = None, num_classes: int = 0):
-        return cls(out_channels=out_channels, num_classes=num_classes, image_size=data_cfg.image_size, channels=data_cfg.channels,
+        return cls(out_channels=out_channels, num_classes=num_classes,
+                   image_size=data_cfg.image_size, channels=data_cfg.channels,
                    model_channels=unet_cfg.model_channels, channel_mult=unet_cfg.channel_mult,
                    num_res_blocks=unet_cfg.num_res_blocks,
                    attention_resolutions=unet_cfg.attention_resolutions,

@@ -62,7 +62,8 @@ def test_unet_label_none_is_the_null_label_and_labels_matter():
     null = torch.full((3,), null_label(2))
     assert null_label(2) == 2 and m.label_embed.table.num_embeddings == 3  # row num_classes is null
     assert torch.equal(m(x, t), m(x, t, null))
-    assert not torch.allclose(m(x, t, torch.zeros(3, dtype=torch.long)), m(x, t, torch.ones(3, dtype=torch.long)))
+    zeros, ones = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    assert not torch.allclose(m(x, t, zeros), m(x, t, ones))
     with pytest.raises(ValueError, match="--class-cond"):
         tiny_unet(num_classes=0)(x, t, torch.zeros(3, dtype=torch.long))
 
@@ -206,7 +207,8 @@ def test_learned_variance_output_combines_only_the_mean_part():
 def test_one_batched_forward_per_sampling_step(sampler):
     spy = LabelSpy()
     d = GaussianDiffusion.respaced(cosine_betas(T), 6, prediction="v")
-    guided = ClassifierFreeGuided(spy, GaussianDiffusion(cosine_betas(T), prediction="v"), torch.tensor([3.0, 3.0]))
+    full = GaussianDiffusion(cosine_betas(T), prediction="v")  # the wrapper is told original timesteps
+    guided = ClassifierFreeGuided(spy, full, torch.tensor([3.0, 3.0]))
     x = d.sample(guided, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0), sampler=sampler)
     assert torch.isfinite(x).all()
     assert len(spy.calls) == 6 and all(b == 15 for b, _ in spy.calls)  # (M + 1) x B, once per step
@@ -251,9 +253,10 @@ def test_end_to_end_class_conditional_training_and_cfg_sampling(tmp_path):
     sample.main(["--run", run, "--guidance", "cfg", "--scale", "3", "--n", "6", "--batch-size", "4",
                  "--device", "cpu"])
     z = np.load(os.path.join(run, "samples_cfg_affine.npz"))
-    assert z["images"].shape == (6, 16, 16, 1) and str(z["cfg_form"]) == "affine" and str(z["classifier"]) == ""
-    sample.main(["--run", run, "--guidance", "cfg", "--cfg-form", "printed", "--lambdas", "0.5,0.5", "--n", "2",
-                 "--device", "cpu"])
+    assert z["images"].shape == (6, 16, 16, 1)
+    assert str(z["cfg_form"]) == "affine" and str(z["classifier"]) == "" and float(z["scale"]) == 3.0
+    sample.main(["--run", run, "--guidance", "cfg", "--cfg-form", "printed", "--lambdas", "0.5,0.5",
+                 "--n", "2", "--device", "cpu"])
     assert os.path.exists(os.path.join(run, "samples_cfg_printed.npz"))
     # evaluate.py: uncond (the null label) and cfg rows by default for a DDPM-only class-cond run.
     m = evaluate.evaluate_run(run, n=4, batch_size=4, lambdas="2,2", device=torch.device("cpu"), figures=False,
