@@ -26,11 +26,12 @@ The network was trained on the original indices, so it always receives t_k, neve
 Learned variance (App. A, Eq. 8; Nichol & Dhariwal 2021), the paper's choice (App. C): the network
 returns 2C channels, [mean part (eps or v, per ``prediction``), v_var], and
     Sigma_theta(x_t, t) = exp(frac log beta_t + (1 - frac) log beta~_t),  frac = (v_var + 1) / 2,
-per pixel (``model_log_variance``). Why (v + 1) / 2 and not Eq. 8's v itself: the output conv is
+per pixel (``model_log_variance_of``). Why (v + 1) / 2 and not Eq. 8's v itself: the output conv is
 zero-initialised (unet.py), so at v = 0 training starts from the geometric mean of the two fixed
 choices, and the raw outputs -1 / +1 are the endpoints beta~_t / beta_t, a range symmetric about
-the network's initial output (improved-diffusion's convention). frac is not clamped (as in Eq. 8
-and Nichol & Dhariwal, who observed no drift outside [0, 1]); bench/learned_sigma.py reports it.
+the network's initial output (improved-diffusion's convention). frac is not clamped (neither Eq. 8 nor
+Nichol & Dhariwal constrain v, who report it staying in range in practice); bench/learned_sigma.py
+reports how often it leaves [0, 1].
 At t = 0, beta~_0 = 0, so the lower end is beta~_1 there (posterior_log_variance), the upper end
 beta_0. On a respaced grid both ends are the respaced diffusion's own beta_k and beta~_k (the
 kept steps' betas), so the same raw v means a wider variance per kept step. ``p_from_parts`` is the
@@ -164,7 +165,7 @@ class GaussianDiffusion:
         self.posterior_ct = t64((1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab))
         # Reverse-process variance sigma_t^2: fixed large = beta_t, fixed small = beta~_t (Ho et
         # al.). Both use beta~_1 at t = 0 for the same reason as above. A learned variance has no
-        # table (it comes from the network, model_log_variance): NaN, so that code reading the
+        # table (it comes from the network, model_log_variance_of): NaN, so that code reading the
         # fixed table for a learned model produces NaN instead of a silently wrong variance.
         large = np.append(post_var[1], b[1:])
         fixed = {"fixed_large": large, "fixed_small": small}.get(variance, np.full(self.T, np.nan))
@@ -470,7 +471,7 @@ class GaussianDiffusion:
 
     def prior_bits_per_dim(self, x0):
         """L_T of Eq. (9) per image in bits/dim: KL(q(x_T | x_0) || N(0, I)) at the last step of this
-        grid. No parameter enters it; ~1e-5 for the cosine schedule (abar_T ~ 0)."""
+        grid. No parameter enters it; negligible for the cosine schedule (2e-9 at T = 1000)."""
         t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
         mean = self._at("sqrt_ab", t, x0.shape) * x0
         log_var = 2 * torch.log(self._at("sqrt_1m_ab", t, x0.shape))
