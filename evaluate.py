@@ -12,10 +12,10 @@ Methods: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = [30, 30],
 ``multi_sn`` (same with the spectral-norm classifier). --score exact adds ``exact_<method>``, the
 same with the training set's exact eps* instead of the DDPM, and --classifier exact adds
 ``multi_exact``, multi-guidance with the exact p*(y | x_t) (exact_score.py): with both, ``multi``,
-``exact_multi`` and ``exact_multi_exact`` are §5.5's learned/learned, exact/learned and exact/exact
-rows (circles runs only). By default every method whose checkpoints
-exist is evaluated (the others are skipped with a one-line note); methods named with --methods
-must exist. For each, 512 samples are drawn (or read back from ``<run>/eval_<method>.npz`` if
+``exact_multi`` and ``exact_multi_exact`` are the learned/learned, exact/learned and exact/exact
+rows of the §5.5 experiment (circles runs only). By default every method whose checkpoints exist
+is evaluated (the others are skipped with a one-line note); methods named with --methods must
+exist. For each, 512 samples are drawn (or read back from ``<run>/eval_<method>.npz`` if
 present with the same settings) and measured with:
 
 The circle detector (detector.py) gives each sample one category (blob, zero_disc, one_disc,
@@ -31,8 +31,9 @@ only (``hist_n`` of them; NaN when there are none):
 metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
 middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_8, comb_n (period-2, -4 and
 -8 strength of the middle columns, see comb_strength), column_counts {centre column: samples},
-sample_seconds, sampler, eta, guidance_at, score, classifier}}, fractions in [0, 1]. guidance_at (xt | mu, see
-diffusion.GaussianDiffusion.guidance_point) applies to the guided methods; uncond records xt.
+sample_seconds, sampler, eta, guidance_at, score, classifier}}, fractions in [0, 1]. guidance_at
+(xt | mu, see diffusion.GaussianDiffusion.guidance_point) applies to the guided methods; uncond
+records xt. score is learned | exact, classifier the guiding one (null for the unguided rows).
 """
 from __future__ import annotations
 
