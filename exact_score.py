@@ -30,6 +30,14 @@ of the two sums is the exact noisy classifier
 
 (class priors N_y / N included) whose logits are the per-class logsumexp of the log-densities.
 
+Why neither can interpolate on the circles: grad_x log p*(y | x_t) = (eps* - eps*_y) / sqrt(1 - abar)
+= sqrt(abar) / (1 - abar) (E[x_0 | x_t, y] - E[x_0 | x_t]), a difference of averages of training
+images, so it is exactly 0 on every pixel that is constant over the training set - the whole unseen
+middle (columns 7..24 at 32 px are black in all 300 images). Exact-classifier guidance never lights a
+middle pixel, whatever the score. And with the exact score, x^_0* is a convex combination of
+training images at every step, black in the middle, so a guidance push there is undone at the
+next step; only the last step's shift sigma_0^2 g (sigma_0^2 ~ 1e-4) survives.
+
 Numerics: distances, the softmax and the logsumexp are in float64 (1 - abar_0 = 4e-5 on the cosine
 schedule, so the log-weights differ by ~1e5 between neighbouring training images at t = 0); the
 training set is processed in chunks of ``chunk_n`` images with a running (online) softmax, and the

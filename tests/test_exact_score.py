@@ -126,6 +126,18 @@ def test_class_restriction_and_the_classifier_identities():
     assert grad.dtype == torch.float32 and torch.allclose(grad.double(), closed, rtol=1e-4, atol=1e-3)
 
 
+def test_exact_classifier_gradient_vanishes_where_the_training_set_is_constant():
+    """grad log p*(y|x) is a difference of averages of training images: exactly 0 on the unseen
+    middle columns (black in every 16-px training image), non-zero on the bands."""
+    cfg, x, y, ab = circles(16)
+    const = (x == x[:1]).all(0)[0]                       # [16, 16] pixels equal in every image
+    assert const[:, 4:12].all() and not const[:, 1:3].any()
+    g = multi_guidance([ExactClassifier(x, y, 2, ab)], [torch.tensor([30.0, 30.0])])
+    xt = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    grad = g(xt, torch.tensor([50, 150, 300, 450, 600, 750, 900, 999]))
+    assert grad[:, 0, const].abs().max() < 1e-9 * grad.abs().max() and grad.abs().max() > 1e-3
+
+
 def test_exact_score_sampling_returns_training_images():
     """64 respaced ancestral steps of the exact eps* (v-parameterised, as the cpu preset) on the
     16-px circles: every sample is a training image, to float32 round-off."""
