@@ -345,7 +345,7 @@ def score_error(model, exact: ExactEps, dcfg, size: int, ts, rows: int = 8, draw
         tt = torch.full((len(x0),), int(t), dtype=torch.long)
         sums = {k_: torch.zeros(len(cols), dtype=torch.float64) for k_ in keys}
         for s in range(0, len(x0), batch_size):
-            xb, nb, tb = x0[s:s + batch_size].to(device), noise[s:s + batch_size].to(device), tt[s:s + batch_size].to(device)
+            xb, nb, tb = (a[s:s + batch_size].to(device) for a in (x0, noise, tt))
             xt = diffusion.q_sample(xb, tb, nb)
             e_theta = diffusion.model_eps(model(xt, tb), xt, tb).double()
             e_star = exact.eps(xt, tb)
@@ -421,7 +421,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sample_args(p, only=("run", "seed", "device", "batch_size"))
     g = p.add_argument_group("score error")
-    g.add_argument("--out", default=None, help="PNG path (default: <run>/score_error.png; a .json is written beside it)")
+    g.add_argument("--out", default=None,
+                   help="PNG path (default: <run>/score_error.png; a .json is written beside it)")
     g.add_argument("--t-count", type=int, default=32, help="timesteps, evenly spread over 0..T-1 (both ends kept)")
     g.add_argument("--rows", type=int, default=8, help="disc rows per column, evenly spread")
     g.add_argument("--draws", type=int, default=1, help="noise draws per disc and timestep")
