@@ -109,11 +109,14 @@ class SampleConfig:
     lambdas: str | None = knob(None, "multi-guidance lambda per class, e.g. 30,30 (default: --scale each)")
     scale: float = knob(30.0, "lambda of single guidance, and of every class if no --lambdas")
     target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
-    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
+    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin) | exact (p*(y|x_t) "
+                                         "of the training set, exact_score.py; evaluate.py: adds its rows)")
     sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
     eta: float = knob(0.0, "DDIM noise scale in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
     guidance_at: str = knob("xt", "where guidance takes grad log p(y|x): xt (the authors' code) | mu "
                                   "(§2.2 as written: at the posterior mean mu_theta(x_t, t); ancestral only)")
+    score: str = knob("learned", "learned (the run's DDPM) | exact (the training set's closed-form eps*, "
+                                 "exact_score.py: memorises; evaluate.py: adds exact-score rows)")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
