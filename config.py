@@ -8,8 +8,8 @@ evaluate.py read it back from there (``from_dict``) instead of repeating flags.
 Presets (paper §5.5, App. C; the authors' circles configuration):
   * ``paper`` - the authors' circles setup: 64x64, UNet 128 ch, 3 res blocks, mult 1,2,3,4,
     attention at 16 and 8, T = 4000 cosine, 30k steps x batch 64; classifier width 64, depth 2,
-    attention at 8, 3000 steps. (The authors learn Sigma; this codebase uses fixed variance
-    until L_hybrid lands, see diffusion.py.)
+    attention at 8, 3000 steps; learned Sigma trained with L_hybrid, as the authors do (App. A, C;
+    diffusion.py).
   * ``cpu`` - the same experiment sized for a 2-core laptop CPU: 32x32 images rendered natively
     (radius-1 discs, same delta), a small UNet, ~6 minutes of training.
 """
@@ -61,7 +61,9 @@ class UNetConfig:
 class DiffusionConfig:
     timesteps: int = knob(1000, "T, diffusion steps of training")
     noise_schedule: str = knob("cosine", "cosine (Eq. 10) | linear (Ho et al.)")
-    variance: str = knob("fixed_large", "reverse variance: fixed_large (beta_t) | fixed_small (beta~_t)")
+    variance: str = knob("fixed_large", "reverse variance: fixed_large (beta_t) | fixed_small (beta~_t) | "
+                                        "learned (Eq. 8: C extra output channels interpolate log beta~_t.."
+                                        "log beta_t; trains with L_hybrid, Eq. 9; the paper presets)")
     prediction: str = knob("v", "network target: eps (Eq. 7, the paper) | v (cpu preset, see diffusion.py)")
     sample_steps: int = knob(64, "respaced ancestral steps used at sampling time")
     clip_denoised: bool = knob(True, "clip x^_0 to [-1, 1] before the posterior mean")
@@ -115,11 +117,14 @@ class SampleConfig:
     cfg_form: str = knob("affine", "--guidance cfg weights: affine (-lambda, 1 + lambda: they sum to 1) | "
                                    "printed (-lambda, 1 - lambda: Eq. 12 as printed); see classifier_free.py")
     target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
-    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
+    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin) | exact (p*(y|x_t) "
+                                         "of the training set, exact_score.py; evaluate.py: adds its rows)")
     sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
     eta: float = knob(0.0, "DDIM noise scale in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
     guidance_at: str = knob("xt", "where guidance takes grad log p(y|x): xt (the authors' code) | mu "
                                   "(§2.2 as written: at the posterior mean mu_theta(x_t, t); ancestral only)")
+    score: str = knob("learned", "learned (the run's DDPM) | exact (the training set's closed-form eps*, "
+                                 "exact_score.py: memorises; evaluate.py: adds exact-score rows)")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
@@ -132,7 +137,8 @@ PRESETS = {
         "data": dict(image_size=64),
         "unet": dict(model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      attention_resolutions=(16, 8), num_head_channels=64),
-        "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=64, prediction="eps"),
+        "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=64, prediction="eps",
+                          variance="learned"),
         "classifier": dict(clf_channels=64, clf_channel_mult=(1, 2, 3, 4), clf_res_blocks=2,
                            clf_attention_resolutions=(8,), clf_steps=3000),
         "train": dict(steps=30000, batch_size=64, lr=1e-4, warmup_steps=0, ema_decay=0.9999,
@@ -158,7 +164,8 @@ PRESETS[("celeba", "paper")] = {
     "data": dict(_CELEBA_DATA, image_size=64),
     "unet": dict(model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                  attention_resolutions=(16, 8), num_head_channels=64),
-    "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=250, prediction="eps"),
+    "diffusion": dict(timesteps=4000, noise_schedule="cosine", sample_steps=250, prediction="eps",
+                      variance="learned"),
     "classifier": dict(clf_channels=128, clf_channel_mult=(1, 2, 3, 4), clf_res_blocks=2,
                        clf_attention_resolutions=(32, 16, 8), clf_steps=150000, clf_batch_size=128,
                        clf_lr=3e-4),

@@ -4,7 +4,7 @@ One implementation shared by every experiment:
   * noise schedules, linear (Ho et al.) and cosine (Eq. 10), computed in float64;
   * the forward process q(x_t | x_0) (Eq. 4);
   * the posterior q(x_{t-1} | x_t, x_0) (Eq. 5-6) and the eps-parameterised mean (Eq. 7);
-  * fixed small (beta~_t) or fixed large (beta_t) reverse variance;
+  * fixed small (beta~_t), fixed large (beta_t) or learned reverse variance (Eq. 8, see below);
   * the training loss L_simple, for an eps-predicting network (the paper) or, optionally, a
     v-predicting one (v = sqrt(abar) eps - sqrt(1-abar) x_0, Salimans & Ho 2022). Why v exists here:
     with eps-prediction, an error in x^_0 costs abar/(1-abar) in the loss, ~1e-4 at the noisiest
@@ -23,9 +23,31 @@ Respacing (Nichol & Dhariwal 2021, §4): keep K of the T timesteps and recompute
 beta'_k = 1 - abar[t_k] / abar[t_{k-1}] so that the kept steps have the same cumulative noise.
 The network was trained on the original indices, so it always receives t_k, never k.
 
-Learned variance (Eq. 8) and L_hybrid (§A.3) are the paper's choice; they are not implemented
-yet. ``p_mean_variance`` is the single place that turns model output into (mean, variance):
-a learned-Sigma model plugs in there, and ``training_loss`` is where L_vlb would be added.
+Learned variance (App. A, Eq. 8; Nichol & Dhariwal 2021), the paper's choice (App. C): the network
+returns 2C channels, [mean part (eps or v, per ``prediction``), v_var], and
+    Sigma_theta(x_t, t) = exp(frac log beta_t + (1 - frac) log beta~_t),  frac = (v_var + 1) / 2,
+per pixel (``model_log_variance_of``). Why (v + 1) / 2 and not Eq. 8's v itself: the output conv is
+zero-initialised (unet.py), so at v = 0 training starts from the geometric mean of the two fixed
+choices, and the raw outputs -1 / +1 are the endpoints beta~_t / beta_t, a range symmetric about
+the network's initial output (improved-diffusion's convention). frac is not clamped (neither Eq. 8 nor
+Nichol & Dhariwal constrain v, who report it staying in range in practice); bench/learned_sigma.py
+reports how often it leaves [0, 1].
+At t = 0, beta~_0 = 0, so the lower end is beta~_1 there (posterior_log_variance), the upper end
+beta_0. On a respaced grid both ends are the respaced diffusion's own beta_k and beta~_k (the
+kept steps' betas), so the same raw v means a wider variance per kept step. ``p_from_parts`` is the
+single place that turns network output into (mean, variance); every other caller (DDIM, inversion,
+L_simple) reads only the first C channels (``model_output``). DDIM keeps its own sigma_t(eta).
+Guidance shifts the mean by the learned Sigma_theta g, per pixel.
+
+L_hybrid (App. A.3, Eq. 9) = L_simple + 0.001 L_vlb when the variance is learned (``training_loss``).
+L_vlb = sum_t L_t is estimated from the one uniformly drawn t of each image as T * L_t, and L_t is in
+bits per dimension, the units Nichol & Dhariwal's lambda = 0.001 was set for (``vlb_terms``): for
+t > 0 the Gaussian KL (``normal_kl``) between q(x_{t-1} | x_t, x_0) and p_theta(x_{t-1} | x_t) with a
+stop-gradient on the mean part, so L_vlb trains only the variance; at t = 0 the decoder NLL
+-log p_theta(x_0 | x_1) of Ho et al.'s discretised Gaussian over the 256 levels of 8-bit data
+(``discretised_gaussian_log_likelihood``), which fits the 0/255 circles and 8-bit faces alike.
+``vlb_bits_per_dim`` sums every term of a (possibly respaced) diffusion plus the prior L_T: the full
+variational bound of fixed- and learned-variance models alike.
 """
 from __future__ import annotations
 
@@ -65,11 +87,42 @@ def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
     return a[t].view(-1, *([1] * (len(shape) - 1)))
 
 
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats:
+    (logvar2 - logvar1 + (e^logvar1 + (mean1 - mean2)^2) / e^logvar2 - 1) / 2."""
+    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretised_gaussian_log_likelihood(x, mean, log_var):
+    """log P(x) per element, in nats, for 8-bit data x in [-1, 1] (the 256 levels k/127.5 - 1) under
+    N(mean, e^log_var) discretised into bins of width 2/255 (Ho et al. 2020, §3.3): the mass of
+    [x - 1/255, x + 1/255], with the end bins open to -inf (x = -1) and +inf (x = 1).
+
+    The difference Phi(b) - Phi(a) is taken on the side of the smaller tail, through log_ndtr, so a
+    bin far from the mean keeps its (tiny) log-probability instead of rounding to log 0."""
+    inv_std = torch.exp(-0.5 * log_var)
+    a = (x - mean - 1.0 / 255) * inv_std   # lower bin edge, standardised
+    b = (x - mean + 1.0 / 255) * inv_std   # upper bin edge
+    log_below_b = torch.special.log_ndtr(b)      # the x = -1 bin: P(X < -1 + 1/255)
+    log_above_a = torch.special.log_ndtr(-a)     # the x = +1 bin: P(X > 1 - 1/255)
+    # Interior bins: Phi(b) - Phi(a) = Phi(-a) - Phi(-b); use the form whose edges lie below 0.
+    flip = a > 0
+    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_hi = torch.special.log_ndtr(hi)
+    mid = log_hi + torch.log((-torch.expm1(torch.special.log_ndtr(lo) - log_hi)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_below_b, torch.where(x > 0.999, log_above_a, mid))
+
+
 def respace_indices(T: int, K: int) -> list[int]:
     """K evenly spread original timesteps, always including 0 and T-1."""
     if not 2 <= K <= T:
         raise ValueError(f"respacing needs 2 <= steps <= T={T}, got {K}")
     return sorted({round(i * (T - 1) / (K - 1)) for i in range(K)})
+
+
+VARIANCES = ("fixed_large", "fixed_small", "learned")
+HYBRID_LAMBDA = 1e-3   # lambda of L_hybrid (Eq. 9), Nichol & Dhariwal's value, quoted in App. A.3
 
 
 class GaussianDiffusion:
@@ -78,9 +131,8 @@ class GaussianDiffusion:
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}; use eps or v")
         self.prediction = prediction
-        if variance not in ("fixed_large", "fixed_small"):
-            raise ValueError(f"unknown variance {variance!r}; use fixed_large or fixed_small "
-                             "(learned Sigma / L_hybrid is not implemented yet)")
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; use fixed_large, fixed_small or learned")
         b = np.asarray(betas, dtype=np.float64)
         assert b.ndim == 1 and len(b) >= 2 and (b > 0).all() and (b <= 1).all()
         self.T = len(b)
@@ -106,17 +158,24 @@ class GaussianDiffusion:
         # log-variance stays finite. The t = 0 step adds no noise anyway (see p_sample).
         small = np.append(post_var[1], post_var[1:])
         self.posterior_log_variance = t64(np.log(small))
+        # Upper end of the learned variance (Eq. 8): log beta_t, with the true beta_0 at t = 0.
+        self.log_betas = t64(np.log(b))
         # Eq. (5): mu~(x_t, x_0) = c0 x_0 + ct x_t
         self.posterior_c0 = t64(b * np.sqrt(ab_prev) / (1.0 - ab))
         self.posterior_ct = t64((1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab))
         # Reverse-process variance sigma_t^2: fixed large = beta_t, fixed small = beta~_t (Ho et
-        # al.). Both use beta~_1 at t = 0 for the same reason as above.
+        # al.). Both use beta~_1 at t = 0 for the same reason as above. A learned variance has no
+        # table (it comes from the network, model_log_variance_of): NaN, so that code reading the
+        # fixed table for a learned model produces NaN instead of a silently wrong variance.
         large = np.append(post_var[1], b[1:])
-        self.model_variance = t64(large if variance == "fixed_large" else small)
+        fixed = {"fixed_large": large, "fixed_small": small}.get(variance, np.full(self.T, np.nan))
+        self.model_variance = t64(fixed)
+        self.model_log_variance = t64(np.log(fixed))
         self.to("cpu")
 
     _TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_ab", "sqrt_1m_ab", "sqrt_recip_ab", "sqrt_recipm1_ab",
-               "posterior_variance", "posterior_c0", "posterior_ct", "model_variance")
+               "posterior_variance", "posterior_c0", "posterior_ct", "model_variance",
+               "posterior_log_variance", "log_betas", "model_log_variance")
 
     def to(self, device) -> "GaussianDiffusion":
         """Working copies of the schedule on ``device``: float32 (MPS has no float64), made once so
@@ -189,25 +248,59 @@ class GaussianDiffusion:
         """Original timestep indices for (respaced) indices t: what networks are fed."""
         return self._map[t]
 
+    def model_output(self, model, xt, t):
+        """(mean part, variance part or None) of the network at (x_t, t): the network sees the
+        original timestep; with a learned variance its 2C output channels are split in two."""
+        return self.split_output(model(xt, self.model_t(t)), xt.shape[1])
+
+    def split_output(self, out, channels: int):
+        """[mean part (eps or v), v_var] for a learned variance, (out, None) for a fixed one."""
+        want = 2 * channels if self.variance == "learned" else channels
+        if out.shape[1] != want:
+            raise ValueError(f"the network returns {out.shape[1]} channels but variance={self.variance!r} "
+                             f"with {channels}-channel images needs {want}")
+        if self.variance != "learned":
+            return out, None
+        return out[:, :channels], out[:, channels:]
+
+    def model_log_variance_of(self, var_out, t, shape):
+        """log Sigma_theta (Eq. 8): frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2
+        of the raw variance output v (see the module docstring); the fixed table if var_out is None."""
+        if var_out is None:
+            return self._at("model_log_variance", t, shape)
+        frac = (var_out.float() + 1) / 2
+        return frac * self._at("log_betas", t, shape) + (1 - frac) * self._at("posterior_log_variance", t, shape)
+
     def p_mean_variance(self, model, xt, t, clip_denoised=True):
-        """Model output -> (mean, variance, x^_0) of p_theta(x_{t-1} | x_t).
+        """Model output -> (mean, variance, x^_0) of p_theta(x_{t-1} | x_t) (see p_from_parts)."""
+        mean, var, _, x0 = self.p_from_parts(*self.model_output(model, xt, t), xt, t, clip_denoised)
+        return mean, var, x0
+
+    def p_from_parts(self, mean_out, var_out, xt, t, clip_denoised=True):
+        """(mean, variance, log variance, x^_0) of p_theta(x_{t-1} | x_t) from the two parts of the
+        network's output: the one place where output becomes a Gaussian.
 
         With an eps-prediction, Eq. (7) equals the posterior mean (Eq. 5) at x^_0 = predict_x0(eps);
-        going through x^_0 lets us clip it to the data range [-1, 1] first.
+        going through x^_0 lets us clip it to the data range [-1, 1] first. The variance is the
+        fixed table ([B, 1, 1, 1]) or, learned, Eq. 8 per pixel ([B, C, H, W]).
         """
-        eps = self.model_eps(model(xt, self.model_t(t)), xt, t)
+        eps = self.model_eps(mean_out, xt, t)
         x0 = self.predict_x0(xt, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, xt, t)
-        return mean, self._at("model_variance", t, xt.shape), x0
+        if var_out is None:
+            return mean, self._at("model_variance", t, xt.shape), self._at("model_log_variance", t, xt.shape), x0
+        log_var = self.model_log_variance_of(var_out, t, xt.shape)
+        return mean, log_var.exp(), log_var, x0
 
     def p_sample(self, model, xt, t, clip_denoised=True, guidance=None, generator=None, guidance_at="xt"):
         """One ancestral step x_t -> x_{t-1}.
 
-        1. mean, variance from the model (Eq. 7 / Eq. 5).
+        1. mean, variance from the model (Eq. 7 / Eq. 5; the variance fixed or learned, Eq. 8).
         2. classifier guidance (§2.2): mu~ = mu + sigma_t^2 * g, g = grad_x sum_m lambda_m log p(y_m|x),
-           taken where ``guidance_at`` says (see guidance_point).
+           taken where ``guidance_at`` says (see guidance_point); sigma_t^2 is Sigma_theta per pixel
+           when the variance is learned.
         3. x_{t-1} = mu~ + sigma_t z, with no noise at t = 0.
         """
         mean, var, x0 = self.p_mean_variance(model, xt, t, clip_denoised)
@@ -285,7 +378,7 @@ class GaussianDiffusion:
         (both add g to the score -eps / sqrt(1 - abar_t)). Clipping x^_0 comes after the shift,
         and eps^ is then recomputed from the clipped x^_0 so that the pair still satisfies Eq. (4)
         at x_t: Eq. (12) then moves along a path consistent with a data-range x^_0."""
-        eps = self.model_eps(model(xt, self.model_t(t)), xt, t)
+        eps = self.model_eps(self.model_output(model, xt, t)[0], xt, t)
         if guidance is not None:
             eps = eps - self._at("sqrt_1m_ab", t, xt.shape) * guidance(xt, self.model_t(t))
         x0 = self.predict_x0(xt, t, eps)
@@ -353,9 +446,62 @@ class GaussianDiffusion:
     def training_loss(self, model, x0, t=None, noise=None):
         """L_simple = E ||eps - eps_theta(x_t, t)||^2 with t uniform over all T steps
         (or ||v - v_theta||^2 for v-prediction: eps-error / abar_t, i.e. L_simple reweighted by
-        1 + 1/snr_t, which keeps a training signal on x_0 at the noisiest steps)."""
+        1 + 1/snr_t, which keeps a training signal on x_0 at the noisiest steps).
+
+        Learned variance: L_hybrid = L_simple + lambda L_vlb (Eq. 9, lambda = 0.001), L_vlb = sum_t L_t
+        estimated as T * L_t at this uniform t (bits/dim, vlb_terms; its mean part is detached, so
+        L_vlb trains only the variance and L_simple only the mean)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
-        out = model(self.q_sample(x0, t, noise), self.model_t(t))
-        return ((out - self.target(x0, noise, t)) ** 2).mean()
+        xt = self.q_sample(x0, t, noise)
+        mean_out, var_out = self.model_output(model, xt, t)
+        simple = ((mean_out - self.target(x0, noise, t)) ** 2).mean()
+        if var_out is None:
+            return simple
+        return simple + HYBRID_LAMBDA * self.T * self.vlb_terms(mean_out, var_out, x0, xt, t).mean()
+
+    # ----- the variational bound (Eq. 9) ------------------------------------------------------
+    def vlb_terms(self, mean_out, var_out, x0, xt, t, clip_denoised=False):
+        """L_t of Eq. (9) per image, in bits per dimension, from the network's two output parts at
+        (x_t, t), with a stop-gradient on the mean part (App. A.3: L_vlb drives Sigma_theta only).
+
+        t > 0: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), both Gaussian (normal_kl).
+        t = 0: -log p_theta(x_0 | x_1), the discretised Gaussian over 256 bins (8-bit data).
+        ``clip_denoised`` False (training): the variance learns to fit the network's own mean;
+        vlb_bits_per_dim passes the run's setting, so the bound is that of the sampler."""
+        mean, _, log_var, _ = self.p_from_parts(mean_out.detach(), var_out, xt, t, clip_denoised)
+        true_mean, _ = self.q_posterior(x0, xt, t)
+        true_log_var = self._at("posterior_log_variance", t, xt.shape)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1)
+        nll = -discretised_gaussian_log_likelihood(x0, mean, log_var).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+    def prior_bits_per_dim(self, x0):
+        """L_T of Eq. (9) per image in bits/dim: KL(q(x_T | x_0) || N(0, I)) at the last step of this
+        grid. No parameter enters it; negligible for the cosine schedule (2e-9 at T = 1000)."""
+        t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
+        mean = self._at("sqrt_ab", t, x0.shape) * x0
+        log_var = 2 * torch.log(self._at("sqrt_1m_ab", t, x0.shape))
+        kl = normal_kl(mean, log_var.expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean))
+        return kl.flatten(1).mean(1) / math.log(2.0)
+
+    @torch.no_grad()
+    def vlb_bits_per_dim(self, model, x0, clip_denoised=True, generator=None):
+        """The variational bound -log p(x_0) <= L_T + sum_t L_t (Eq. 9) per image, in bits/dim:
+        {"total": [B], "prior": [B], "terms": [B, T]} (terms[:, k]: respaced index k, 0 = decoder).
+
+        Every term of this diffusion's grid is summed: on the full grid (T network calls per image)
+        the bound of the T-step model; on a respaced one (GaussianDiffusion.respaced) the bound of
+        the K-step sampler, a different and usually looser model (larger bits/dim), cheaper by
+        T / K. Each L_t is estimated with one draw of x_t ~ q(x_t | x_0) (``generator``). Works for
+        fixed and learned variances alike (the fixed ones read their table)."""
+        terms = []
+        for k in range(self.T):
+            t = torch.full((x0.shape[0],), k, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            xt = self.q_sample(x0, t, noise)
+            terms.append(self.vlb_terms(*self.model_output(model, xt, t), x0, xt, t, clip_denoised))
+        terms = torch.stack(terms, 1)
+        prior = self.prior_bits_per_dim(x0)
+        return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms}

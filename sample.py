@@ -6,15 +6,18 @@
     python sample.py --run runs/circles --guidance single --scale 30 --target 1
     python sample.py --run runs/circles --sampler ddim --eta 0           # DDIM (Song et al. 2021)
     python sample.py --run runs/circles --guidance multi --guidance-at mu  # grad at mu_theta (§2.2)
+    python sample.py --run runs/circles --score exact --guidance multi --classifier exact  # exact eps*, p*
     python sample.py --run runs/cfg --guidance cfg --scale 3     # classifier-free (App. J, Eq. 12)
 
 The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
 declared once in config.SampleConfig (evaluate.py shares them). --steps 0 means the run's
 sample_steps; --target -1 alternates the classes over the batch. --lambdas, --scale, --target and
 --classifier only apply to guided sampling: with --guidance none they are an error, not ignored.
---eta only applies to --sampler ddim; with DDIM, guidance shifts eps^ instead of the mean (see
-diffusion.GaussianDiffusion.ddim_eps_x0). --guidance-at mu evaluates the classifier gradient at the
-posterior mean instead of x_t (diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
+--score exact samples with the training set's exact eps* instead of the DDPM and --classifier exact
+guides with the exact p*(y | x_t) (exact_score.py; circles runs). --eta only applies to --sampler
+ddim; with DDIM, guidance shifts eps^ instead of the mean (see diffusion.GaussianDiffusion.ddim_eps_x0).
+--guidance-at mu evaluates the classifier gradient at the posterior mean instead of x_t
+(diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
 --guidance cfg (a DDPM trained with --class-cond) needs no classifier: --lambdas / --scale give
 lambda, --cfg-form the weights (classifier_free.py).
 
@@ -65,9 +68,13 @@ def load_ddpm(run: str, device, use_ema: bool = True):
 
 
 def load_classifier(run: str, name: str, device, expect_cfg=None):
-    """A trained noise-aware classifier; checks it matches the DDPM's images (size, channels)."""
+    """A trained noise-aware classifier; checks it matches the DDPM's images (size, channels).
+    ``exact``: the training set's exact p*(y | x_t) (exact_score.py), nothing trained."""
+    if name == "exact":
+        import exact_score
+        return exact_score.classifier(expect_cfg or C.from_dict(load_checkpoint(run, "ddpm")["config"]), device)
     if name not in ("classifier", "classifier_sn"):
-        raise UserError(f"unknown classifier {name!r}; use classifier or classifier_sn")
+        raise UserError(f"unknown classifier {name!r}; use classifier, classifier_sn or exact")
     ck = load_checkpoint(run, name)
     cfg = C.from_dict(ck["config"])
     if expect_cfg is not None:
@@ -109,16 +116,24 @@ def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
 def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
             lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
             classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
-            guidance_at: str = "xt", cfg_form: str = "affine"):
+            guidance_at: str = "xt", score: str = "learned", cfg_form: str = "affine"):
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
     Returns ``draw(n, batch_size, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
-    float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM."""
+    float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM. ``score="exact"``
+    replaces the DDPM by the training set's exact eps* (exact_score.py; the run gives its config)."""
     if guidance not in GUIDANCE:
         raise UserError(f"unknown --guidance {guidance!r}; use {', '.join(GUIDANCE)}")
     check_sampler(sampler, eta, guidance_at)
+    import exact_score
+    exact_score.check_score(score)
+    if guidance == "cfg" and score != "learned":
+        raise UserError("--guidance cfg combines the DDPM's class-conditional predictions; the exact score "
+                        "(--score exact) takes no labels: drop one of them")
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
+    if score == "exact":
+        model = exact_score.score_model(cfg, device)
     dcfg = cfg["diffusion"]
     steps = steps or dcfg.sample_steps
     if not 2 <= steps <= dcfg.timesteps:
@@ -157,10 +172,10 @@ def generate(run: str, n: int, batch_size: int = C.SampleConfig.batch_size, seed
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
              progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,
-             guidance_at: str = "xt", cfg_form: str = "affine") -> torch.Tensor:
+             guidance_at: str = "xt", score: str = "learned", cfg_form: str = "affine") -> torch.Tensor:
     """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
     return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
-                   guidance_at, cfg_form)(n, batch_size, seed, progress)
+                   guidance_at, score, cfg_form)(n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
@@ -249,9 +264,10 @@ def main(argv=None):
     models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
     draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
                    None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
-                   s.guidance_at, s.cfg_form)
+                   s.guidance_at, s.score, s.cfg_form)
     out = a.out or s.run
-    tag = a.tag or {"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
+    tag = a.tag or ({"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
+                    + ("" if s.score == "learned" else f"_{s.score}-score"))
     npz = os.path.join(out, f"samples_{tag}.npz")
     png = os.path.join(out, f"samples_{tag}.png")
     existing = [f for f in (npz, png) if os.path.exists(f)]
@@ -266,7 +282,7 @@ def main(argv=None):
     np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
                         lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
                         classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
-                        guidance_at=s.guidance_at if clf_guided else "",
+                        guidance_at=s.guidance_at if clf_guided else "", score=s.score,
                         cfg_form=s.cfg_form if s.guidance == "cfg" else "")
     data_cfg = models[1]["data"]
     save_grid(x[:64], png, marks=data_cfg.dataset == "circles", delta=data_cfg.delta)

@@ -57,12 +57,12 @@ def test_torchrun_two_ranks_identical_weights_one_checkpoint_and_resume(tmp_path
     out = str(tmp_path / "run")
     base = ["--dataset", "circles", "--model", "ddpm", "--out", out, "--no-grid", "--device", "cpu"] + TINY
     log = _torchrun(base + ["--steps", "8", "--stop-at", "4"], tmp_path)
-    sums = dict(re.findall(r"\[rank (\d)\] ddpm weight checksum (\S+)", log))
+    sums = dict(re.findall(r"\[rank (\d)\] ddpm weight checksum ([-+0-9.e]+)", log))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], log[-2000:]
     assert sorted(os.listdir(out)) == ["ddpm.pt", "log_ddpm.jsonl", "loss_ddpm.png"]
     assert load_checkpoint(out, "ddpm")["step"] == 4
     log = _torchrun(base + ["--steps", "8", "--resume"], tmp_path)
-    sums = dict(re.findall(r"\[rank (\d)\] ddpm weight checksum (\S+)", log))
+    sums = dict(re.findall(r"\[rank (\d)\] ddpm weight checksum ([-+0-9.e]+)", log))
     assert sums["0"] == sums["1"]
     ck = load_checkpoint(out, "ddpm")
     assert ck["step"] == 8 and "2 ranks" in log

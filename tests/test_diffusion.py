@@ -91,8 +91,8 @@ def test_fixed_variances():
     small = GaussianDiffusion(betas, "fixed_small").model_variance
     assert torch.allclose(large[1:], torch.from_numpy(betas[1:]))
     assert torch.all(small[1:] < large[1:])
-    with pytest.raises(ValueError):
-        GaussianDiffusion(betas, "learned")
+    with pytest.raises(ValueError, match="unknown variance"):  # "learned" is a variance now
+        GaussianDiffusion(betas, "learnt")
 
 
 def test_v_prediction_round_trip():

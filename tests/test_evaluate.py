@@ -123,9 +123,10 @@ def test_sampling_flags_declared_once_in_sample_config():
         assert not written & flags, (mod, written & flags)
     sp, ep = sample.build_parser(), evaluate.build_parser()
     assert flags <= set(sp._option_string_actions)
-    shared = {"--run", "--n", "--batch-size", "--seed", "--steps", "--device", "--lambdas"}
+    shared = {"--run", "--n", "--batch-size", "--seed", "--steps", "--device", "--lambdas", "--score",
+              "--classifier"}  # evaluate's --classifier only takes exact (adds its rows, exact_score.py)
     assert shared <= set(ep._option_string_actions)
-    assert not {"--guidance", "--scale", "--target", "--classifier"} & set(ep._option_string_actions)
+    assert not {"--guidance", "--scale", "--target"} & set(ep._option_string_actions)
     assert ep._option_string_actions["--n"].help.endswith("(default: 512)")
     assert ep._option_string_actions["--lambdas"].help.endswith("(default: 30,30)")
     assert sp._option_string_actions["--n"].help.endswith("(default: 64)")
