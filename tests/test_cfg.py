@@ -201,6 +201,14 @@ def test_learned_variance_output_combines_only_the_mean_part():
     mean = -4.0 * outs[2][:, :1] + 5.0 * (0.25 * outs[0][:, :1] + 0.75 * outs[1][:, :1])
     assert torch.allclose(got[:, :1], mean, atol=1e-5)
     assert torch.allclose(got[:, 1:], 0.25 * outs[0][:, 1:] + 0.75 * outs[1][:, 1:], atol=1e-6)
+    # With the diffusion's learned Sigma (Eq. 8) the wrapped 2C-channel UNet samples like any network.
+    net = tiny_unet()
+    net.out[-1] = torch.nn.Conv2d(8, 2, 3, padding=1)
+    d = GaussianDiffusion.respaced(cosine_betas(T), 5, variance="learned", prediction="v")
+    full = GaussianDiffusion(cosine_betas(T), variance="learned", prediction="v")
+    x = d.sample(ClassifierFreeGuided(net, full, torch.tensor([2.0, 2.0])), (3, 1, 16, 16),
+                 generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all()
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
