@@ -17,13 +17,17 @@ per system (--n samples = n / N systems, all particles returned):
 Interpolation, on a normal (extremes) run given as --interp-run: multi-guidance, plain vs SMC,
 target the middle z in [0.3, 0.7].
 
-Columns: on_target = one-disc samples with z in the target / all samples; one / zero / two_plus /
+First a profile of the classifier: P(class 1 | a disc in column x, t) averaged over rows, at t = 0
+and T/2, for every column, inside and outside the training band.
+Columns: on_target = one-disc samples with z in the target / all samples (z<.15, z>.85: the same
+on each side); one / zero / two_plus /
 blob = detector categories (detector.py); z_mean, z_std = mean and std of the detected z of the
 one-disc samples (z_std: diversity); s/sample = sampling wall time / n; resampled = fraction of
 system-steps that resampled, survivors = distinct initial particles per system at the end (SMC).
 With strong guidance a system often collapses onto one ancestor (survivors ~ 1): an SMC row of n
 samples then holds only about (n / N) x survivors independent draws; size --n accordingly.
-Writes <out>/extrapolate.json and a grid of the first 64 samples per row (<out>/grid_<row>.png).
+Writes <out>/extrapolate.json, the samples of every row (<out>/samples_<run>_<row>.npz, uint8) and
+a grid of the first 64 (<out>/grid_<run>_<row>.png).
 """
 import argparse
 import json
@@ -60,10 +64,28 @@ def measure(images: np.ndarray, target) -> dict:
     inside = np.zeros(len(z), dtype=bool)
     for lo, hi in target:
         inside |= (z >= lo) & (z <= hi)
-    return {"on_target": float(inside.sum() / s["n"]), "one": s["one_disc"], "zero": s["zero_disc"],
+    return {"on_target": float(inside.sum() / s["n"]), "left": float((z < 0.15).sum() / s["n"]),
+            "right": float((z > 0.85).sum() / s["n"]), "one": s["one_disc"], "zero": s["zero_disc"],
             "two_plus": s["two_plus_disc"], "blob": s["blob"], "hist_n": s["hist_n"],
             "z_mean": float(z.mean()) if len(z) else float("nan"),
             "z_std": float(z.std()) if len(z) else float("nan")}
+
+
+def classifier_profile(run, name, device) -> dict:
+    """P(class 1 | one disc in column x, t), averaged over rows, at t = 0 and T/2 (evaluate's heatmap):
+    how the classifier behaves outside the columns it was trained on."""
+    from diffusion import GaussianDiffusion
+    from evaluate import classifier_heatmap
+    from sample import load_classifier
+    cfg = load_ddpm(run, "cpu")[1]
+    clf = load_classifier(run, name, device, cfg)
+    diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
+    out = {}
+    for t in (0, diffusion.T // 2):
+        heat = classifier_heatmap(clf, cfg["data"].image_size, t, diffusion, device=device)
+        valid = ~np.isnan(heat).all(1)  # rows that can hold a disc centre: the same columns
+        out[t] = heat[valid].mean(0)    # NaN for columns no disc centre fits in (printed as none)
+    return out
 
 
 def run_methods(run, methods, table, a, device, log=print) -> list:
@@ -94,11 +116,13 @@ def run_methods(run, methods, table, a, device, log=print) -> list:
             tag = os.path.basename(os.path.normpath(run))
             save_grid(x[:64], os.path.join(a.out, f"grid_{tag}_{label}.png"), marks=True,
                       edges=training_edges(cfg["data"].bands, cfg["data"].delta))
+            np.savez_compressed(os.path.join(a.out, f"samples_{tag}_{label}.npz"), images=images)
             log(format_row(row))
     return rows
 
 
-HEAD = (f"{'run':<12}{'method':<14}{'sampler':<10}{'target':<24}{'on_target':>10}{'one':>7}{'zero':>7}"
+HEAD = (f"{'run':<12}{'method':<14}{'sampler':<10}{'target':<24}{'on_target':>10}{'z<.15':>7}{'z>.85':>7}"
+        f"{'one':>7}{'zero':>7}"
         f"{'two+':>7}{'blob':>7}{'z_mean':>8}{'z_std':>7}{'s/sample':>10}{'resampled':>10}{'survivors':>10}")
 
 
@@ -106,7 +130,7 @@ def format_row(r) -> str:
     pct = lambda v: f"{v:>7.1%}"  # noqa: E731
     smc = f"{r['resampled']:>10.1%}{r['survivors']:>10.1f}" if "resampled" in r else f"{'-':>10}{'-':>10}"
     return (f"{os.path.basename(os.path.normpath(r['run'])):<12}{r['method']:<14}{r['sampler']:<10}"
-            f"{r['target']:<24}{r['on_target']:>10.1%}{pct(r['one'])}{pct(r['zero'])}{pct(r['two_plus'])}"
+            f"{r['target']:<24}{r['on_target']:>10.1%}{pct(r['left'])}{pct(r['right'])}{pct(r['one'])}{pct(r['zero'])}{pct(r['two_plus'])}"
             f"{pct(r['blob'])}{r['z_mean']:>8.3f}{r['z_std']:>7.3f}{r['s_per_sample']:>10.3f}{smc}")
 
 
@@ -145,6 +169,9 @@ def main(argv=None):
         print(f"note: {a.run} was trained on the extremes, not --bands middle: the extrapolation rows "
               "then measure how far guidance pushes past the extreme bands")
     t0 = time.time()
+    for t, p_right in classifier_profile(a.run, a.classifier, device).items():
+        cols = [f"{x}:{v:.2f}" for x, v in enumerate(p_right) if v == v]
+        print(f"{a.classifier} P(class 1 | disc in column x, t={t}): {' '.join(cols)}")
     print(HEAD)
     rows = run_methods(a.run, methods, EXTRAPOLATION, a, device)
     if a.interp_run:
