@@ -66,7 +66,8 @@ def chain_target(d, model, lam):
         b = at(0.0, i)
         a = at(1.0, i) - b
         m, v = a * m + b, a * a * v + d.model_variance[i].item()
-    grad0 = lambda x: gauss_twist(lam)(torch.tensor([[[[x]]]], dtype=torch.float64), d.model_t(torch.tensor([0])))[1].item()  # noqa: E731
+    def grad0(x):  # the final twist's gradient, at the classifier's t = 0
+        return gauss_twist(lam)(torch.tensor([[[[x]]]], dtype=torch.float64), d.model_t(torch.tensor([0])))[1].item()
     A, B = grad0(0.0) - grad0(1.0), grad0(0.0)
     prec = 1 / v + A
     mean = (m / v + B) / prec
