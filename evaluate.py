@@ -50,7 +50,7 @@ import config as C
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from detector import circle_stats, middle_comb
 import exact_score
-from toy_circles import radius_for, render_disc
+from toy_circles import radius_for, render_disc, training_edges
 
 # ----------------------------------------------------------------------------------------------
 # Histogram metrics (App. B)
@@ -319,7 +319,8 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
                           guidance_at=guidance_at if METHODS[m][1] else "xt",
                           score=exact_score.method_score(m), classifier=METHODS[m][1])
         if figures:
-            save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
+            save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta,
+                      edges=training_edges(cfg["data"].bands, delta))  # a --bands middle run: its band
     if figures:
         plot_histograms(stats, os.path.join(run, "hist_z.png"), delta)
         from diffusion import GaussianDiffusion
