@@ -31,6 +31,11 @@ class DataConfig:
     image_size: int = knob(32, "image side in pixels; circles: 64 is the authors' grid, 32 the CPU mapping")
     channels: int = knob(1, "image channels: 1 for circles, 3 for RGB datasets")
     delta: float = knob(0.2, "width of each extreme training band in z (§4.1)")
+    # "extremes" is also what a checkpoint written before this option existed gets (from_dict).
+    bands: str = knob("extremes", "circles: which disc centres are trained on: extremes (z <= delta or "
+                                  ">= 1 - delta, §5.5) | middle (z in [0.35, 0.65], the extrapolation "
+                                  "test of §7) | LO:HI (a band centred on the image, e.g. 0.3:0.7); "
+                                  "label = right half vs left half (toy_circles.py)")
     flip: bool = knob(True, "random horizontal flips x -> S-1-x (circles: the label flips with it)")
     data_dir: str = knob("", "celeba: folder with img_align_celeba/, list_attr_celeba.txt, "
                              "list_eval_partition.txt (or a toy_faces.py stand-in)")
@@ -125,6 +130,10 @@ class SampleConfig:
                                   "(§2.2 as written: at the posterior mean mu_theta(x_t, t); ancestral only)")
     score: str = knob("learned", "learned (the run's DDPM) | exact (the training set's closed-form eps*, "
                                  "exact_score.py: memorises; evaluate.py: adds exact-score rows)")
+    smc_particles: int = knob(0, "particles per system of the twisted SMC sampler (smc.py): --n samples = "
+                                 "n / N systems of N resampled particles, all returned; 0 = plain "
+                                 "guidance (1 is the same draws); ancestral sampler, guided only")
+    smc_ess: float = knob(0.5, "SMC: a system resamples (systematic) when its ESS < smc_ess * particles")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,

@@ -55,7 +55,7 @@ import config as C
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from detector import circle_stats, middle_comb
 import exact_score
-from toy_circles import radius_for, render_disc
+from toy_circles import radius_for, render_disc, training_edges
 
 # ----------------------------------------------------------------------------------------------
 # Histogram metrics (App. B)
@@ -339,7 +339,8 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
             k = C.num_classes_of(cfg["data"])
             metrics[m].update(lambdas=lambdas, **describe(parse_lambdas(lambdas, k), cfg_form))
         if figures:
-            save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta)
+            save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta,
+                      edges=training_edges(cfg["data"].bands, delta))  # a --bands middle run: its band
     if figures:
         plot_histograms(stats, os.path.join(run, "hist_z.png"), delta)
         from diffusion import GaussianDiffusion

@@ -43,6 +43,8 @@ def multi_guidance(classifiers: Sequence[torch.nn.Module], lambdas) -> Callable:
 
     ``lambdas``: one entry per classifier, each of shape [M] (same for every sample) or [B, M]
     (per-sample weights, e.g. single-class guidance towards a different class per sample).
+    ``g.value_and_grad(x, t)`` returns (the weighted log-probability per sample [B], g) from the
+    same forward/backward pass: the log twist that smc.py weights particles with.
     """
     lambdas = [torch.as_tensor(l, dtype=torch.float32) for l in lambdas]
     if len(lambdas) != len(classifiers):
@@ -52,17 +54,21 @@ def multi_guidance(classifiers: Sequence[torch.nn.Module], lambdas) -> Callable:
             raise UserError(f"lambda list has {lam.shape[-1]} entries but the classifier has "
                             f"{clf.num_classes} classes; give one lambda per class")
 
-    def grad(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def value_and_grad(x: torch.Tensor, t: torch.Tensor):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            total = x.new_zeros(())
+            value = x.new_zeros(x.shape[0])
             for clf, lam in zip(classifiers, lambdas):
                 logp = F.log_softmax(clf(x, t), dim=-1)                    # [B, M]
-                # Samples never interact (no BatchNorm), so the gradient of the batch sum is the
-                # per-sample gradient.
-                total = total + (logp * lam.to(x.device, x.dtype)).sum()
-            return torch.autograd.grad(total, x)[0]
+                value = value + (logp * lam.to(x.device, x.dtype)).sum(-1)
+            # Samples never interact (no BatchNorm), so the gradient of the batch sum is the
+            # per-sample gradient.
+            return value.detach(), torch.autograd.grad(value.sum(), x)[0]
 
+    def grad(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return value_and_grad(x, t)[1]
+
+    grad.value_and_grad = value_and_grad
     return grad
 
 

@@ -7,6 +7,7 @@
     python sample.py --run runs/circles --sampler ddim --eta 0           # DDIM (Song et al. 2021)
     python sample.py --run runs/circles --guidance multi --guidance-at mu  # grad at mu_theta (§2.2)
     python sample.py --run runs/circles --score exact --guidance multi --classifier exact  # exact eps*, p*
+    python sample.py --run runs/circles --guidance multi --smc-particles 8  # twisted SMC (smc.py)
     python sample.py --run runs/cfg --guidance cfg --scale 3     # classifier-free (App. J, Eq. 12)
 
 The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
@@ -18,6 +19,9 @@ guides with the exact p*(y | x_t) (exact_score.py; circles runs). --eta only app
 ddim; with DDIM, guidance shifts eps^ instead of the mean (see diffusion.GaussianDiffusion.ddim_eps_x0).
 --guidance-at mu evaluates the classifier gradient at the posterior mean instead of x_t
 (diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
+--smc-particles N draws the guided samples with twisted SMC (smc.py): --n samples = n / N systems of
+N particles, reweighted towards Eq. 2's product distribution and resampled (--smc-ess), all returned;
+guided ancestral sampling at x_t only.
 --guidance cfg (a DDPM trained with --class-cond) needs no classifier: --lambdas / --scale give
 lambda, --cfg-form the weights (classifier_free.py).
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
@@ -116,12 +121,16 @@ def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
 def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
             lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
             classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
-            guidance_at: str = "xt", score: str = "learned", cfg_form: str = "affine"):
+            guidance_at: str = "xt", score: str = "learned", smc_particles: int = 0, smc_ess: float = 0.5,
+            cfg_form: str = "affine"):
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
     Returns ``draw(n, batch_size, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
     float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM. ``score="exact"``
-    replaces the DDPM by the training set's exact eps* (exact_score.py; the run gives its config)."""
+    replaces the DDPM by the training set's exact eps* (exact_score.py; the run gives its config).
+    ``smc_particles`` > 0 draws them with smc.py instead (see smc_draw); ``draw.smc_info`` then holds
+    the last call's resampling summary (smc.merge_info). ``guidance="cfg"`` samples the class-
+    conditional DDPM with classifier-free multi-guidance (classifier_free.py, ``cfg_form``)."""
     if guidance not in GUIDANCE:
         raise UserError(f"unknown --guidance {guidance!r}; use {', '.join(GUIDANCE)}")
     check_sampler(sampler, eta, guidance_at)
@@ -130,6 +139,12 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
     if guidance == "cfg" and score != "learned":
         raise UserError("--guidance cfg combines the DDPM's class-conditional predictions; the exact score "
                         "(--score exact) takes no labels: drop one of them")
+    if guidance == "cfg" and smc_particles:
+        raise UserError("--smc-particles weights particles by the guidance classifiers and --guidance cfg "
+                        "uses none; drop one of them")
+    if smc_particles:
+        from smc import check_smc
+        check_smc(smc_particles, smc_ess, guidance, sampler, guidance_at)
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
     if score == "exact":
@@ -152,6 +167,8 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
 
     def draw(n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, progress: bool = False) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(seed)
+        if smc_particles:
+            return smc_draw(draw, n, batch_size, gen, torch.Generator().manual_seed(seed), progress)
         out, guide = [], g
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -165,6 +182,33 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
                                         guidance_at=guidance_at).cpu())
         return torch.cat(out)
 
+    def smc_draw(draw, n, batch_size, gen, resample_gen, progress):
+        """n samples = ceil(n / N) systems of N particles (the last one holds the remainder), all
+        particles returned; as many whole systems per batch as ``batch_size`` holds (at least one).
+        Single guidance: one target per system (alternating over systems when --target is -1)."""
+        from smc import merge_info, smc_sample
+        N = smc_particles
+        sizes = [N] * (n // N) + ([n % N] if n % N else [])
+        per_batch = max(1, batch_size // N)
+        out, infos, done = [], [], 0
+        while done < len(sizes):
+            p = sizes[done]
+            s = min(per_batch, sum(1 for k in sizes[done:] if k == p))   # systems of equal size
+            if guidance == "single":
+                y = (torch.full((s,), target) if target is not None
+                     else torch.arange(done, done + s) % clf.num_classes).repeat_interleave(p)
+                twist = single_guidance(clf, y.to(device), scale).value_and_grad
+            else:
+                twist = g.value_and_grad
+            x, info = smc_sample(diffusion, model, twist, s, p, shape, dcfg.clip_denoised, gen, resample_gen,
+                                 device, smc_ess, progress)
+            out.append(x.cpu())
+            infos.append(info)
+            done += s
+        draw.smc_info = merge_info(infos)
+        return torch.cat(out)
+
+    draw.smc_info = {}
     return draw
 
 
@@ -172,16 +216,18 @@ def generate(run: str, n: int, batch_size: int = C.SampleConfig.batch_size, seed
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
              scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
              progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,
-             guidance_at: str = "xt", score: str = "learned", cfg_form: str = "affine") -> torch.Tensor:
+             guidance_at: str = "xt", score: str = "learned", smc_particles: int = 0,
+             smc_ess: float = 0.5, cfg_form: str = "affine") -> torch.Tensor:
     """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
     return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
-                   guidance_at, score, cfg_form)(n, batch_size, seed, progress)
+                   guidance_at, score, smc_particles, smc_ess, cfg_form)(n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
-              delta: float = 0.2, pad: int = 2) -> None:
+              delta: float = 0.2, pad: int = 2, edges=None) -> None:
     """Tile images into a PNG. ``marks`` draws green lines at z = delta and 1 - delta (the edges of
-    the training regions, as in Fig. 7a); they are not part of the samples."""
+    the training regions, as in Fig. 7a), or at the z listed in ``edges`` (a --bands middle run's
+    toy_circles.training_edges); they are not part of the samples."""
     imgs = to_uint8(x)
     n, h, w, c = imgs.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
@@ -192,7 +238,7 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool =
         tile = np.repeat(imgs[i], 3, axis=-1) if c == 1 else imgs[i]
         if marks:
             tile = tile.copy()
-            for z in (delta, 1 - delta):
+            for z in (edges or (delta, 1 - delta)):
                 col = int(round(z * (w - 1)))
                 tile[:, col] = np.maximum(tile[:, col], np.array([0, 110, 0], np.uint8))
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = tile
@@ -258,16 +304,23 @@ def main(argv=None):
     s, typed = sample_config(a)
     check_guidance_flags(s.guidance, typed)  # before anything slow
     check_sampler(s.sampler, s.eta, s.guidance_at)
+    if "smc_particles" in typed:
+        from smc import check_smc
+        check_smc(s.smc_particles, s.smc_ess, s.guidance, s.sampler, s.guidance_at)
+    elif "smc_ess" in typed:
+        raise UserError("--smc-ess only applies to the SMC sampler; add --smc-particles N, or drop --smc-ess")
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)
     models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
     draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
                    None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
-                   s.guidance_at, s.score, s.cfg_form)
+                   s.guidance_at, s.score, s.smc_particles, s.smc_ess, s.cfg_form)
     out = a.out or s.run
     tag = a.tag or ({"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
                     + ("" if s.score == "learned" else f"_{s.score}-score"))
+    if s.smc_particles and not a.tag:
+        tag += f"_smc{s.smc_particles}"
     npz = os.path.join(out, f"samples_{tag}.npz")
     png = os.path.join(out, f"samples_{tag}.png")
     existing = [f for f in (npz, png) if os.path.exists(f)]
@@ -283,9 +336,18 @@ def main(argv=None):
                         lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
                         classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
                         guidance_at=s.guidance_at if clf_guided else "", score=s.score,
-                        cfg_form=s.cfg_form if s.guidance == "cfg" else "")
+                        smc_particles=s.smc_particles, smc_ess=s.smc_ess if s.smc_particles else 0.0,
+                        smc_info=json.dumps(draw.smc_info), cfg_form=s.cfg_form if s.guidance == "cfg" else "")
     data_cfg = models[1]["data"]
-    save_grid(x[:64], png, marks=data_cfg.dataset == "circles", delta=data_cfg.delta)
+    circles = data_cfg.dataset == "circles"
+    from toy_circles import training_edges
+    save_grid(x[:64], png, marks=circles, delta=data_cfg.delta,
+              edges=training_edges(data_cfg.bands, data_cfg.delta) if circles else None)
+    if s.smc_particles:
+        i = draw.smc_info
+        print(f"SMC: {i['systems']} systems x {s.smc_particles} particles; resampled {i['resampled']} of "
+              f"{i['system_steps']} system-steps (ESS < {s.smc_ess:g} N), lowest mean ESS {i['min_ess']:.2f} N, "
+              f"final ESS {i['final_ess']:.2f} N, {i['survivors']:.1f} distinct initial particles per system")
     print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
 
 

@@ -61,7 +61,7 @@ def load_data(dcfg, dist: Dist = Dist()):
     """The training set of a run's data config, as this rank's shard under DDP."""
     if dcfg.dataset == "circles":
         from toy_circles import CirclesData
-        data = CirclesData(dcfg.image_size, dcfg.delta, dcfg.flip, dcfg.channels)
+        data = CirclesData(dcfg.image_size, dcfg.delta, dcfg.flip, dcfg.channels, bands=dcfg.bands)
     elif dcfg.dataset == "celeba":
         from celeba import CelebAData
         if not dcfg.data_dir:
@@ -188,7 +188,8 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
         from sample import generate, save_grid
         x = generate(args.out, n=64, batch_size=64, seed=tc.seed, device=device)
         grid = os.path.join(args.out, "ddpm_samples.png")
-        save_grid(x, grid, marks=cfg["data"].dataset == "circles", delta=cfg["data"].delta)
+        save_grid(x, grid, marks=cfg["data"].dataset == "circles", delta=cfg["data"].delta,
+                  edges=_edges(cfg["data"]))
         print(f"ddpm: wrote {grid} (64 EMA samples, {cfg['diffusion'].sample_steps} steps)")
     finish_model(job, dist)
     return ckpt_path(args.out, "ddpm")
@@ -234,6 +235,12 @@ def train_classifier(args, device, dist: Dist, spectral: bool, pending=()) -> st
         print(f"{name}: clean accuracy {acc:.3f} on {len(y)} training images")
     finish_model(job, dist)
     return ckpt_path(args.out, name)
+
+
+def _edges(dcfg):
+    """z of the training region's edges (green lines of the grid): the delta bands or --bands."""
+    from toy_circles import training_edges
+    return training_edges(dcfg.bands, dcfg.delta) if dcfg.dataset == "circles" else None
 
 
 # Moved to config.py (models.build_model needs it too); still importable from here.
@@ -297,6 +304,11 @@ def main(argv=None):
     if args.attribute and args.dataset != "celeba":
         raise UserError(f"--attribute is a CelebA option but the dataset is {args.dataset}; drop "
                         "--attribute or use --dataset celeba")
+    if args.bands is not None:
+        if args.dataset != "circles":
+            raise UserError(f"--bands is a circles option but the dataset is {args.dataset}; drop --bands")
+        from toy_circles import parse_bands
+        parse_bands(args.bands)  # an unknown band is a one-line error before any folder is made
     dist, device = init_distributed(args.device)
     try:
         _train(args, device, dist)

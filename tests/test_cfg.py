@@ -247,6 +247,8 @@ def test_cfg_flag_errors(tiny_run):
                    "unknown --cfg-form", "affine", "printed")
     one_line_error(lambda: sample.main(run + ["--cfg-form", "printed"]), "--cfg-form", "--guidance cfg")
     one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--target", "1"]), "--target", "drop it")
+    one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--score", "exact"]), "--score exact", "drop")
+    one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--smc-particles", "4"]), "--smc-particles")
     one_line_error(lambda: evaluate.main(run + ["--methods", "uncond,multi", "--cfg-form", "printed"]),
                    "--cfg-form", "cfg method")
     one_line_error(lambda: evaluate.main(run + ["--cfg-form", "eq12"]), "unknown --cfg-form")
