@@ -152,9 +152,8 @@ class DiT(nn.Module):
                    num_classes=num_classes)
 
     def forward(self, x, t, y=None):
-        b, p, g = x.shape[0], self.patch, self.grid
-        # [B, D, g, g] -> [B, g*g, D]; flatten(2) also accepts a channels_last input.
-        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
+        b = x.shape[0]
+        h = self.tokens(x) + self.pos
         c = self.t_mlp(timestep_embedding(t, FREQ_DIM).to(h.dtype))
         if self.label is not None:
             if y is None:
@@ -164,7 +163,16 @@ class DiT(nn.Module):
             raise ValueError("labels given to a DiT built with num_classes=0")
         for block in self.blocks:
             h = block(h, c)
-        h = self.final(h, c)                                            # B, g*g, p*p*C_out
-        # Unpatchify: token (i, j) holds the p x p pixels of rows i*p.., columns j*p...
-        h = h.reshape(b, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(b, self.out_channels, g * p, g * p)
+        return self.unpatchify(self.final(h, c))                        # B, g*g, p*p*C_out in
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, g*g, D], token i*g + j from the patch at rows i*p.., columns j*p..
+        (flatten(2) also accepts the channels_last activations of sample.inference_layout)."""
+        return self.patchify(x).flatten(2).transpose(1, 2)
+
+    def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, g*g, p*p*C] tokens -> [B, C, g*p, g*p]: token i*g + j holds the p x p pixels of rows
+        i*p.., columns j*p.., its features ordered (row in the patch, column, channel)."""
+        b, p, g, c = h.shape[0], self.patch, self.grid, h.shape[-1] // self.patch ** 2
+        h = h.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)      # B, C, i, row, j, column
+        return h.reshape(b, c, g * p, g * p)

@@ -69,6 +69,24 @@ def test_out_channels_split_mean_and_variance_halves_in_unpatchify():
     assert torch.equal(out[0], torch.arange(6.0)[:, None, None].expand(6, 16, 16))
 
 
+def test_unpatchify_inverts_the_patchify_token_layout():
+    """With a patchify conv that copies its p x p x C pixels into the token's features in (row,
+    column, channel) order, unpatchify(tokens(x)) is exactly x: token positions and pixel order
+    agree between the two ends of the network."""
+    p, c = 4, 3
+    m = DiT(16, c, patch_size=p, width=p * p * c, depth=1, heads=2)
+    with torch.no_grad():
+        eye = torch.eye(p * p * c).reshape(p * p * c, p, p, c).permute(0, 3, 1, 2)
+        m.patchify.weight.copy_(eye)
+        m.patchify.bias.zero_()
+    x = torch.randn(2, c, 16, 16)
+    tok = m.tokens(x)
+    assert tok.shape == (2, 16, 48)
+    assert torch.equal(tok[0, 1, :3], x[0, :, 0, 4])   # token (0, 1) starts at row 0, column 4
+    assert torch.equal(m.unpatchify(tok), x)
+    assert torch.equal(m.unpatchify(m.tokens(x.contiguous(memory_format=torch.channels_last))), x)
+
+
 def test_position_embedding_is_2d_sincos():
     pe = sincos_2d(4, 8)                               # 16 tokens, row-major
     assert pe.shape == (16, 8)
