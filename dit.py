@@ -25,8 +25,6 @@ never interact, which classifier guidance relies on (no BatchNorm anywhere).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,7 +39,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """[grid*grid, dim] fixed position embedding of a grid x grid token map (row-major tokens):
     the first dim/2 features are the sinusoids of the row index, the last dim/2 of the column."""
     if dim % 4:
-        raise ValueError(f"DiT width {dim} must be divisible by 4 (2-D sin-cos position embedding)")
+        raise ValueError(f"DiT width {dim} is not divisible by 4 (the 2-D sin-cos position embedding "
+                         "needs cos and sin of rows and columns); change --dit-width")
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     # timestep_embedding is the same sinusoid family ([cos, sin] of pos * 10000^(-i/half)).
     return torch.cat([timestep_embedding(rows.reshape(-1), dim // 2),
@@ -163,7 +162,7 @@ class DiT(nn.Module):
             raise ValueError("labels given to a DiT built with num_classes=0")
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final(h, c))                        # B, g*g, p*p*C_out in
+        return self.unpatchify(self.final(h, c))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, g*g, D], token i*g + j from the patch at rows i*p.., columns j*p..

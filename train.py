@@ -156,6 +156,9 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
         check_arch_flags(cfg["unet"].arch, C.overrides_from_args(args))
         diffusion = GaussianDiffusion.from_config(cfg["diffusion"]).to(device)
         model = build_model(cfg).to(device)
+        if args.model == "all":  # the classifiers come next on the same images: fail now, not after
+            with torch.random.fork_rng(devices=[]):  # a check only: the DDPM's randomness is unchanged
+                NoisyClassifier.from_config(cfg["data"], cfg["classifier"], num_classes_of(cfg["data"]))
     data = load_data(cfg["data"], dist)
     bs = per_rank(tc.batch_size, dist)
     if dist.main:

@@ -182,6 +182,11 @@ def test_bad_arch_and_patch_size_are_one_line(tmp_path):
     one_line_error(lambda: train.main(base + ["--out", str(tmp_path / "c"), "--arch", "dit",
                                               "--dit-width", "30", "--dit-heads", "4"]),
                    "--dit-heads")
+    # 30 px is fine for a patch-2 DiT but not for the classifiers trained next: refused up front.
+    one_line_error(lambda: train.main(["--model", "all", "--device", "cpu", "--steps", "2",
+                                       "--out", str(tmp_path / "f"), "--arch", "dit", "--image-size", "30"]),
+                   "image size 30", "for the classifier", "--clf-channel-mult")
+    assert not os.path.exists(tmp_path / "f" / "ddpm.pt")
     # A knob of the other backbone would be silently ignored: refused instead.
     one_line_error(lambda: train.main(base + ["--out", str(tmp_path / "d"), "--arch", "dit",
                                               "--model-channels", "32"]),
