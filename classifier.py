@@ -57,6 +57,11 @@ class NoisyClassifier(nn.Module):
                  head_channels=32, spectral_norm_scale: float | None = None,
                  antialias: bool = ClassifierConfig.clf_antialias):
         super().__init__()
+        # The UNet's own check used to cover this; a DiT DDPM (patch size only) does not.
+        if image_size % 2 ** (len(clf_channel_mult) - 1):
+            raise ValueError(f"image size {image_size} is not divisible by 2^{len(clf_channel_mult) - 1} "
+                             f"(clf_channel_mult {clf_channel_mult}) for the classifier; change "
+                             f"--image-size or --clf-channel-mult")
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         ch = clf_channels
         self.time_embed = TimeEmbedding(ch)

@@ -50,13 +50,20 @@ class DataConfig:
 @dataclass
 class UNetConfig:
     """The denoising network (the group keeps its historical name "unet"; ``arch`` picks it)."""
-    arch: str = knob("unet", "denoising backbone: unet (Nichol & Dhariwal, the paper's) (models.build_model)")
+    arch: str = knob("unet", "denoising backbone: unet (Nichol & Dhariwal, the paper's) | dit (diffusion "
+                             "transformer, Peebles & Xie, App. J) (models.build_model)")
     model_channels: int = knob(16, "base width of the UNet")
     channel_mult: tuple = knob((1, 2, 4), "width multiplier per resolution (one downsampling between each)")
     num_res_blocks: int = knob(1, "residual blocks per resolution")
     attention_resolutions: tuple = knob((8,), "resolutions (in px) with self-attention")
     num_head_channels: int = knob(32, "channels per attention head")
-    dropout: float = knob(0.0, "dropout in the residual blocks")
+    dropout: float = knob(0.0, "dropout in the residual blocks (dit: in the MLPs)")
+    # The DiT's knobs (--arch dit, dit.py); a checkpoint written before they existed is a UNet and
+    # never reads them. The defaults cost about what the cpu UNet does at 32 px (README).
+    patch_size: int = knob(2, "dit: patch side in pixels (the image size must be a multiple)")
+    dit_width: int = knob(64, "dit: token width (divisible by 4 and by --dit-heads)")
+    dit_depth: int = knob(4, "dit: number of transformer blocks")
+    dit_heads: int = knob(2, "dit: attention heads per block")
     # False is also what a checkpoint written before this option existed gets: unconditional.
     class_cond: bool = knob(False, "class-conditional denoiser eps(x_t, t, y) with a learned null label, "
                                    "for classifier-free guidance (App. J; sample with --guidance cfg)")

@@ -3,18 +3,28 @@
 The paper's claim (App. J) is that interpolation does not hinge on the backbone, so the backbone is
 a config choice (``--arch``), decided here and nowhere else. The output width follows the diffusion
 config: with a learned reverse variance (App. A, Eq. 8) the network returns 2C channels, the mean
-parameterisation followed by the variance interpolation weight v. With ``class_cond`` (App. J,
-classifier-free guidance) the network also takes a label y, one per class of the run's data
-(config.num_classes_of) plus the null label (unet.null_label).
+parameterisation followed by the variance interpolation weight v.
+
+Backbones: ``unet`` (unet.py, the paper's main network) and ``dit`` (dit.py, the diffusion
+transformer of App. J). Both take (x_t, t) and return [B, out_channels, H, W]; the config group
+"unet" holds the knobs of both (``ARCH_KNOBS``: which fields belong to which).
+With ``class_cond`` (App. J, classifier-free guidance) either backbone also takes a label y, one per
+class of the run's data (config.num_classes_of) plus the null label (unet.null_label).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from config import num_classes_of
+from dit import DiT
 from unet import UNet
 
-ARCHS = ("unet",)
+ARCHS = ("unet", "dit")
+# The config fields only one backbone reads (dropout is shared): a typed flag of the other
+# backbone would be silently ignored, so train.py refuses it (check_arch_flags).
+ARCH_KNOBS = {"unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                       "num_head_channels"),
+              "dit": ("patch_size", "dit_width", "dit_depth", "dit_heads")}
 
 
 def output_channels(cfg) -> int:
@@ -34,5 +44,18 @@ def build_model(cfg) -> nn.Module:
     arch = cfg["unet"].arch
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
-    return UNet.from_config(cfg["data"], cfg["unet"], out_channels=output_channels(cfg),
-                            num_classes=label_classes(cfg))
+    net = DiT if arch == "dit" else UNet
+    return net.from_config(cfg["data"], cfg["unet"], out_channels=output_channels(cfg),
+                           num_classes=label_classes(cfg))
+
+
+def check_arch_flags(arch: str, typed) -> None:
+    """ValueError if ``typed`` (the config fields a user set) names a knob of another backbone."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
+    for other, knobs in ARCH_KNOBS.items():
+        foreign = ["--" + k.replace("_", "-") for k in knobs if k in typed]
+        if other != arch and foreign:
+            one = len(foreign) == 1
+            raise ValueError(f"{' '.join(foreign)} {'is a' if one else 'are'} {other} option{'' if one else 's'} "
+                             f"but --arch is {arch}; drop {'it' if one else 'them'} or use --arch {other}")

@@ -45,7 +45,7 @@ from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from trainer import (Dist, Job, Shard, close_distributed, finish_model, fit, init_distributed,
                      per_rank)
-from models import build_model, label_classes
+from models import ARCHS, build_model, check_arch_flags, label_classes
 from classifier_free import check_label_dropout, drop_labels
 
 C_NAMES = ("ddpm", "classifier", "classifier_sn")
@@ -158,11 +158,15 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
                         typed="label_dropout" in C.overrides_from_args(args))
     torch.manual_seed(tc.seed)                      # same initial weights on every rank
     gen = torch.Generator().manual_seed(tc.seed + 7919 * dist.rank)   # own data/noise per rank
-    data = load_data(cfg["data"], dist)
-    bs = per_rank(tc.batch_size, dist)
-    with config_errors():
+    with config_errors():  # before the data: a bad network config fails fast
+        check_arch_flags(cfg["unet"].arch, C.overrides_from_args(args))
         diffusion = GaussianDiffusion.from_config(cfg["diffusion"]).to(device)
         model = build_model(cfg).to(device)
+        if args.model == "all":  # the classifiers come next on the same images: fail now, not after
+            with torch.random.fork_rng(devices=[]):  # a check only: the DDPM's randomness is unchanged
+                NoisyClassifier.from_config(cfg["data"], cfg["classifier"], num_classes_of(cfg["data"]))
+    data = load_data(cfg["data"], dist)
+    bs = per_rank(tc.batch_size, dist)
     if dist.main:
         print(f"ddpm: {len(data) * dist.world} training images {cfg['data'].image_size}x"
               f"{cfg['data'].image_size}, preset {preset}")
@@ -301,6 +305,8 @@ def main(argv=None):
     if args.preset and (args.dataset, args.preset) not in C.PRESETS:   # before any folder is made
         raise UserError(f"--preset {args.preset} does not exist for {args.dataset}; choose from "
                         f"{', '.join(p for d, p in C.PRESETS if d == args.dataset)}")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"unknown --arch {args.arch!r}; use one of {', '.join(ARCHS)}")
     if args.attribute and args.dataset != "celeba":
         raise UserError(f"--attribute is a CelebA option but the dataset is {args.dataset}; drop "
                         "--attribute or use --dataset celeba")

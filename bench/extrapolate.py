@@ -134,7 +134,7 @@ def format_row(r) -> str:
             f"{pct(r['blob'])}{r['z_mean']:>8.3f}{r['z_std']:>7.3f}{r['s_per_sample']:>10.3f}{smc}")
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/mid", help="a run trained with --bands middle")
     p.add_argument("--interp-run", default=None, help="a normal (extremes) run for the interpolation rows")
@@ -151,7 +151,11 @@ def main(argv=None):
     p.add_argument("--classifier", default="classifier", help="classifier | classifier_sn")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="output folder (default: <run>/extrapolate)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in EXTRAPOLATION]
     if unknown:

@@ -1,10 +1,12 @@
 """Speed of one sampling step of the §5.5 table: GFLOP/s and fraction of the fp32 matmul peak.
 
     python bench/sample_speed.py [--run runs/circles] [--batch-sizes 128,256] [--reps 5]
+    python bench/sample_speed.py --run runs/dit          # a trained DiT run (--arch dit)
+    python bench/sample_speed.py --run none --arch dit   # a fresh cpu-preset DiT
 
 One run measures (1) the machine's fp32 matmul peak, (2) the FLOPs of an unguided step (one UNet
 forward) and of a multi-guided step (UNet forward + classifier forward and backward), counted with
-torch.utils.flop_counter, and (3) their median wall time, in the memory layouts the sampler can use
+torch.utils.flop_counter (train_speed.flop_counter: CPU attention included), and (3) their median wall time, in the memory layouts the sampler can use
 (NCHW, and channels_last: NHWC in memory, which oneDNN's CPU convolutions prefer). Uses the run's
 trained models when --run exists, else fresh cpu-preset ones (speed does not depend on weights).
 With the optional `diffusers` package installed, the same is measured for its UNet2DModel at about
@@ -17,7 +19,6 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config as C  # noqa: E402
@@ -25,12 +26,12 @@ from checkpoint import pick_device  # noqa: E402
 from classifier import NoisyClassifier  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from guidance import multi_guidance  # noqa: E402
-from train_speed import matmul_peak  # noqa: E402
+from train_speed import flop_counter, matmul_peak  # noqa: E402
 from models import build_model  # noqa: E402
 
 
 def flops_of(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         fn()
     return fc.get_total_flops()
 
@@ -39,7 +40,7 @@ def classifier_flops(clf, x, t) -> int:
     """Forward + backward to the input, as guidance does (counted through .backward(): the FLOP
     counter's module hooks do not support torch.autograd.grad)."""
     xi = x.detach().clone().requires_grad_(True)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         torch.log_softmax(clf(xi, t), -1).sum().backward()
     return fc.get_total_flops()
 
@@ -54,15 +55,18 @@ def median_time(fn, reps: int) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def load_models(run):
+def load_models(run, net_overrides):
     if os.path.exists(os.path.join(run, "classifier.pt")):
+        if net_overrides:  # the run's checkpoint defines its network
+            raise SystemExit(f"{run} holds trained models; network flags ({', '.join(net_overrides)}) "
+                             "only apply without one: drop them or pass --run none")
         from sample import load_classifier, load_ddpm
         model, cfg = load_ddpm(run, "cpu")
         return model, load_classifier(run, "classifier", "cpu", cfg), cfg, run
-    cfg = C.make_config("circles", "cpu")
+    cfg = C.make_config("circles", "cpu", **net_overrides)
     model = build_model(cfg).eval().requires_grad_(False)
     clf = NoisyClassifier.from_config(cfg["data"], cfg["classifier"]).eval().requires_grad_(False)
-    return model, clf, cfg, "untrained cpu preset"
+    return model, clf, cfg, f"untrained cpu preset, arch {cfg['unet'].arch}"
 
 
 def diffusers_row(our_flops: float, size: int, channels: int, n: int, reps: int, peak: float):
@@ -96,10 +100,11 @@ def main():
     p.add_argument("--run", default="runs/circles")
     p.add_argument("--batch-sizes", default="128,256")
     p.add_argument("--reps", type=int, default=5)
+    C.add_dataclass_args(p, C.UNetConfig, title="network without a trained --run (config.UNetConfig)")
     a = p.parse_args()
     pick_device("cpu")
     peak = matmul_peak()
-    model, clf, cfg, src = load_models(a.run)
+    model, clf, cfg, src = load_models(a.run, C.overrides_from_args(a, [C.UNetConfig]))
     d = GaussianDiffusion.from_config(cfg["diffusion"], respaced=True)
     size, ch = cfg["data"].image_size, cfg["data"].channels
     g = multi_guidance([clf], [torch.tensor([30.0, 30.0])])

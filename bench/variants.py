@@ -16,7 +16,7 @@ see the data and the noise schedule, not the DDPM.
 
 Columns: unconditional middle fraction (one disc with z in [0.2, 0.8]); multi-guidance accuracy
 (the same, guided), its 0-disc and 2+-disc rates, histogram MSE / KLD vs uniform (App. B); training
-wall time of the DDPM and sampling seconds per 100 images. Wall times are quoted beside the fp32
+wall time of the DDPM (as its checkpoint recorded it) and sampling seconds per 100 images. Wall times are quoted beside the fp32
 matmul GFLOP/s measured in the same run (machines differ). Writes <root>/variants.json.
 """
 import argparse
@@ -55,14 +55,12 @@ def rows_of(only):
     return [r for r in rows if not only or r[1] in only]
 
 
-def ensure_run(root, name, seed, times):
-    """Train the DDPM of ``name`` if missing (timed), and link the shared classifier pair into it."""
+def ensure_run(root, name, seed):
+    """Train the DDPM of ``name`` if missing, and link the shared classifier pair into it."""
     out = os.path.join(root, name)
     if not os.path.exists(os.path.join(out, "ddpm.pt")):
-        t0 = time.time()
         train.main(["--dataset", "circles", "--model", "ddpm", "--seed", str(seed), "--out", out,
                     "--no-grid"] + RUNS[name])
-        times[name] = time.time() - t0
     for clf in ("classifier.pt", "classifier_sn.pt"):
         link = os.path.join(out, clf)
         if not os.path.lexists(link):
@@ -85,18 +83,12 @@ def main():
     pick_device("cpu")
     peak = matmul_peak()
     t_start = time.time()
-    times_path = os.path.join(a.root, "train_seconds.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     clf_dir = os.path.join(a.root, "classifiers")
     if not os.path.exists(os.path.join(clf_dir, "classifier_sn.pt")):
-        t0 = time.time()
         train.main(["--dataset", "circles", "--model", "classifier", "--seed", str(a.seed), "--out", clf_dir])
-        times["classifiers"] = time.time() - t0
     results = {}
     for name, run, methods, kw in rows_of(only):
-        out = ensure_run(a.root, run, a.seed, times)
-        with open(times_path, "w") as f:
-            json.dump(times, f, indent=2)
+        out = ensure_run(a.root, run, a.seed)
         m = evaluate.evaluate_run(out, a.n, lambdas=a.lambdas, methods=methods, figures=False,
                                   write_metrics=False, log=lambda *_: None, **kw)
         guided = m.get("multi") or m.get("cfg")
@@ -104,7 +96,7 @@ def main():
                "accuracy": guided["accuracy"], "zero_disc": guided["zero_disc"],
                "two_plus_disc": guided["two_plus_disc"], "blob": guided["blob"],
                "hist_mse": guided["hist_mse"], "hist_kld": guided["hist_kld"],
-               "train_min": times.get(run, float("nan")) / 60,
+               "train_min": _train_seconds(out) / 60,
                "sample_s_per_100": 100 * sum(v["sample_seconds"] for v in m.values()) / (a.n * len(m))}
         results[name] = row
         print(f"{name:<28}" + "  ".join(f"{k} {_fmt(k, v)}" for k, v in row.items()), flush=True)
@@ -119,10 +111,16 @@ def main():
     wall = time.time() - t_start
     out = os.path.join(a.root, "variants.json")
     with open(out, "w") as f:
-        json.dump({"n": a.n, "lambdas": a.lambdas, "seed": a.seed, "rows": results, "train_seconds": times,
+        json.dump({"n": a.n, "lambdas": a.lambdas, "seed": a.seed, "rows": results,
                    "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2)
-    print(f"\n{len(results)} rows in {wall / 60:.1f} min (training counted when it ran in this command); "
+    print(f"\n{len(results)} rows in {wall / 60:.1f} min (training included when it ran in this command); "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; wrote {out}")
+
+
+def _train_seconds(run) -> float:
+    """The DDPM's training wall time, as its checkpoint recorded it (train.py's meta)."""
+    from checkpoint import load_checkpoint
+    return float(load_checkpoint(run, "ddpm")["meta"].get("train_seconds", float("nan")))
 
 
 def _fmt(k, v):

@@ -16,6 +16,16 @@ TINY = ["--image-size", "16", "--model-channels", "8", "--channel-mult", "1,2",
         "--clf-batch-size", "16", "--warmup-steps", "5"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tensors are tiny in the math tests: one intra-op thread is ~50x faster than two on a busy
+    2-core box (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def one_line_error(fn, *words):
     """Bad input must end in one UserError line that names ``words`` (the problem and the fix)."""
     from checkpoint import UserError

@@ -79,6 +79,23 @@ def test_build_model_class_cond_and_old_checkpoints_stay_unconditional():
     assert build_model(celeba).num_classes == 4 == train.num_classes_of(celeba["data"])
 
 
+
+def test_class_conditional_dit_shares_the_null_label_and_is_guided():
+    cfg = C.make_config("circles", "cpu", class_cond=True, arch="dit", image_size=16, dit_width=16,
+                        dit_depth=1, dit_heads=1)
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    with torch.no_grad():  # adaLN-Zero: the untrained DiT outputs exactly 0 whatever y is
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 40])
+    assert net.num_classes == 2 and torch.equal(net(x, t), separate(net, x, t, null_label(2)))
+    d = GaussianDiffusion(cosine_betas(T), prediction="v")
+    e = {k: d.model_eps(separate(net, x, t, k), x, t) for k in (2, 0, 1)}
+    out = ClassifierFreeGuided(net, d, torch.tensor([1.0, 1.0]))(x, t)
+    assert torch.allclose(d.model_eps(out, x, t), -e[2] + (e[0] + e[1]), atol=1e-4)
+
+
 # ---- training --------------------------------------------------------------------------------
 
 

@@ -30,13 +30,7 @@ from toy_circles import CirclesData
 
 # ----- helpers ----------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: one intra-op thread is ~50x faster than two on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 def col(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

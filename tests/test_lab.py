@@ -1,0 +1,48 @@
+"""LAB.md: every command of every exercise parses with the script it names (a dry run: the parser,
+not the training), and every exercise names a figure and asks a question."""
+import importlib.util
+import os
+import re
+import shlex
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB = open(os.path.join(ROOT, "LAB.md"), encoding="utf-8").read()
+
+
+def commands():
+    """(script, argv) of every command in LAB.md's bash blocks, `&&` chains split."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", LAB, flags=re.S):
+        for line in block.strip().splitlines():
+            for cmd in line.split("&&"):
+                words = shlex.split(cmd)
+                assert words[0] == "python", cmd
+                out.append((words[1], words[2:]))
+    return out
+
+
+def load(script):
+    spec = importlib.util.spec_from_file_location("lab_" + script.replace("/", "_")[:-3],
+                                                  os.path.join(ROOT, script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lab_has_six_to_eight_exercises_each_with_a_command_a_figure_and_a_question():
+    sections = re.split(r"\n## \d+\. ", LAB)[1:]
+    assert 6 <= len(sections) <= 8
+    for s in sections:
+        assert "```bash" in s and ".png" in s and "*Question.*" in s, s[:80]
+
+
+@pytest.mark.parametrize("script,argv", commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_lab_command_parses(script, argv):
+    assert os.path.exists(os.path.join(ROOT, script)), f"LAB.md runs {script}, which does not exist"
+    parser = load(script).build_parser()
+    # parse_args exits (SystemExit 2) on an unknown flag or a value of the wrong type.
+    args = parser.parse_args(argv)
+    typed = {a.lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    assert typed <= set(vars(args)), typed - set(vars(args))
