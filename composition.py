@@ -51,6 +51,10 @@ class LinearComposition(nn.Module):
 
     def __init__(self, experts, background: ExactEps, prediction: str = "eps"):
         super().__init__()
+        for i, e in enumerate(experts):
+            if e.image_shape != background.image_shape:
+                raise UserError(f"expert {i} holds images of shape {e.image_shape} but the background "
+                                f"{background.image_shape}; compose experts of one image size (one run)")
         self.experts = nn.ModuleList(experts)
         self.background = background
         self.prediction = prediction

@@ -303,3 +303,42 @@ def test_score_error_and_composition_clis(run_copy, tmp_path):
                            "--out", str(tmp_path / "c.png")])
     assert st["one_each_side"] == 1.0 and os.path.getsize(str(tmp_path / "c.png")) > 0
     one_line_error(lambda: composition.main(["--run", run_copy, "--background", "bayes"]), "empty or uncond")
+
+
+# ----- the score is the gradient of the mixture's log-density; bad sizes ----------------------
+
+def _log_q(x, data, ab):
+    """log q_t(x) = log (1/N) sum_i N(x; sqrt(abar) x_i, (1 - abar) I), brute force in float64."""
+    d = x.numel()
+    sq = ((x.flatten()[None] - ab.sqrt() * data.flatten(1)) ** 2).sum(1)
+    return torch.logsumexp(-sq / (2 * (1 - ab)), 0) - math.log(len(data)) - 0.5 * d * math.log(2 * math.pi * (1 - ab))
+
+
+def test_eps_star_is_minus_sqrt_one_minus_abar_times_the_finite_difference_score():
+    """eps* = -sqrt(1 - abar) grad_x log q_t(x) (Tweedie), against central differences of the
+    brute-force mixture density; and for one training point the closed form (x - sqrt(abar) x_1)/sqrt(1-abar)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(5, 1, 2, 3, generator=g, dtype=torch.float64)
+    abar = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    m = ExactEps(data, abar, chunk_n=2)
+    for t in (0, 1):
+        x = torch.randn(1, 1, 2, 3, generator=g, dtype=torch.float64)
+        h, fd = 1e-5, torch.zeros(6, dtype=torch.float64)
+        for k in range(6):
+            e = torch.zeros(6, dtype=torch.float64)
+            e[k] = h
+            fd[k] = (_log_q(x.flatten() + e, data, abar[t]) - _log_q(x.flatten() - e, data, abar[t])) / (2 * h)
+        eps = m.eps(x, torch.tensor([t])).flatten()
+        assert torch.allclose(eps, -(1 - abar[t]).sqrt() * fd, atol=1e-7), (eps, fd)
+    one = ExactEps(data[:1], abar)
+    x = torch.randn(3, 1, 2, 3, generator=g, dtype=torch.float64)
+    closed = (x - abar[1].sqrt() * data[:1]) / (1 - abar[1]).sqrt()
+    assert torch.allclose(one.eps(x, torch.tensor([1])), closed, atol=1e-12)
+
+
+def test_too_large_a_training_set_and_mismatched_experts_are_one_line(monkeypatch):
+    monkeypatch.setattr(exact_score, "MAX_BYTES", 1000)
+    one_line_error(lambda: ExactEps(torch.zeros(20, 1, 4, 4), AB), "GiB", "limit", "--image-size")
+    monkeypatch.undo()
+    small, big = ExactEps(torch.zeros(2, 1, 4, 4), AB), ExactEps(torch.zeros(2, 1, 8, 8), AB)
+    one_line_error(lambda: LinearComposition([small, big], small), "expert 1", "(1, 8, 8)", "one image size")
