@@ -16,8 +16,9 @@ see the data and the noise schedule, not the DDPM.
 
 Columns: unconditional middle fraction (one disc with z in [0.2, 0.8]); multi-guidance accuracy
 (the same, guided), its 0-disc and 2+-disc rates, histogram MSE / KLD vs uniform (App. B); training
-wall time of the DDPM (as its checkpoint recorded it) and sampling seconds per 100 images. Wall times are quoted beside the fp32
-matmul GFLOP/s measured in the same run (machines differ). Writes <root>/variants.json.
+wall time of the DDPM (as its checkpoint recorded it) and sampling seconds per 100 images. Wall
+times are quoted beside the fp32 matmul GFLOP/s measured in the same run (machines differ). Writes
+<root>/variants.json (rows of earlier commands are kept).
 """
 import argparse
 import json
@@ -110,6 +111,8 @@ def main():
               f"{r['train_min']:>10.1f}{r['sample_s_per_100']:>10.1f}")
     wall = time.time() - t_start
     out = os.path.join(a.root, "variants.json")
+    if os.path.exists(out):  # rows of earlier commands (e.g. --only) stay, this command's replace theirs
+        results = {**json.load(open(out))["rows"], **results}
     with open(out, "w") as f:
         json.dump({"n": a.n, "lambdas": a.lambdas, "seed": a.seed, "rows": results,
                    "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2)
