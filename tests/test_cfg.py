@@ -114,9 +114,8 @@ def _tiny_args(out, *extra):
         TINY + list(extra)
 
 
-def test_null_label_of_training_is_the_null_label_of_sampling(tmp_path, monkeypatch):
-    """label_dropout = 1: every label of a training step is the null; the guided sampler asks the
-    same network for that same index (and y=None means it too)."""
+def _spy_training_labels(monkeypatch) -> list:
+    """Make train.py build networks that record the labels of every forward call (per call, a list)."""
     seen = []
 
     def spying_build(cfg):
@@ -125,6 +124,13 @@ def test_null_label_of_training_is_the_null_label_of_sampling(tmp_path, monkeypa
         return m
 
     monkeypatch.setattr(train, "build_model", spying_build)
+    return seen
+
+
+def test_null_label_of_training_is_the_null_label_of_sampling(tmp_path, monkeypatch):
+    """label_dropout = 1: every label of a training step is the null; the guided sampler asks the
+    same network for that same index (and y=None means it too)."""
+    seen = _spy_training_labels(monkeypatch)
     train.main(_tiny_args(str(tmp_path / "r"), "--class-cond", "--label-dropout", "1.0", "--steps", "2"))
     assert len(seen) == 2 and {v for batch in seen for v in batch} == {null_label(2)}
     assert len(seen[0]) == 16  # the whole batch, labels per sample
@@ -136,14 +142,7 @@ def test_null_label_of_training_is_the_null_label_of_sampling(tmp_path, monkeypa
 
 
 def test_training_feeds_labels_and_dropout_draws_from_the_run_generator(tmp_path, monkeypatch):
-    seen = []
-
-    def spying_build(cfg):
-        m = build_model(cfg)
-        m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].tolist()))
-        return m
-
-    monkeypatch.setattr(train, "build_model", spying_build)
+    seen = _spy_training_labels(monkeypatch)
     for name in ("a", "b"):
         train.main(_tiny_args(str(tmp_path / name), "--class-cond", "--label-dropout", "0.5", "--steps", "3"))
     first, second = seen[:3], seen[3:]
