@@ -8,7 +8,7 @@ For each run (its EMA DDPM), prints
       timesteps spread over [0, T-1] of the training grid, with its 5th / 95th percentile and the
       share of pixels outside [0, 1] (frac in [0, 1] <=> Sigma_theta in [beta~_t, beta_t]); a
       fixed-variance run says which fixed variance it uses (frac = 1 for beta_t, 0 for beta~_t);
-  (b) the variational bound in bits/dim (diffusion.GaussianDiffusion.vlb_bits_per_dim: decoder
+  (b) the variational bound in bits/dim (vlb.vlb_bits_per_dim: decoder
       NLL over 256 bins + every KL term + the prior) on each image set, mean +- standard error
       over images. --steps 0 sums all T terms of the training grid (T network calls per image:
       the bound of the T-step model); --steps K the K-step respaced grid (the bound of the K-step
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import UserError, cli, from_uint8, pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from sample import load_ddpm  # noqa: E402
+from vlb import vlb_bits_per_dim  # noqa: E402
 
 
 def circles_sets(dcfg):
@@ -112,7 +113,7 @@ def vlb_line(name: str, model, cfg, x0, steps: int, seed: int, batch_size: int, 
     t0 = time.time()
     res = {"total": [], "prior": [], "decoder": []}
     for xb in x0.split(batch_size):
-        r = d.vlb_bits_per_dim(model, xb.to(device), dcfg.clip_denoised, gen)
+        r = vlb_bits_per_dim(d, model, xb.to(device), dcfg.clip_denoised, gen)
         res["total"].append(r["total"].cpu())
         res["prior"].append(r["prior"].cpu())
         res["decoder"].append(r["terms"][:, 0].cpu())
