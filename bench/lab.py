@@ -17,7 +17,7 @@ truth, lambda = 30 per class, 64 respaced ancestral steps:
 
 Columns: on_target (fraction of all samples), 0-disc and 2+-disc rates, diversity (std of the
 detected z of the one-disc samples; composition: -), seconds per sample. Also writes the score-error
-figure of the learned model against the exact score (<run>/score_error.png, exact_score.py) and
+figure of the learned model against the exact score (<run>/score_error.png, score_error.py) and
 <root>/lab.json. Wall times are quoted beside the fp32 matmul GFLOP/s measured in the same run.
 """
 import argparse
@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import composition  # noqa: E402
-import exact_score  # noqa: E402
+import score_error  # noqa: E402
 import train  # noqa: E402
 from checkpoint import pick_device, to_uint8  # noqa: E402
 from extrapolate import measure  # noqa: E402  (bench/ is on sys.path as the script's folder)
@@ -142,7 +142,7 @@ def main(argv=None):
         table[section] = rows
     png = os.path.join(a.run, "score_error.png")
     if "interpolation" in sections:
-        exact_score.main(["--run", a.run, "--out", png])
+        score_error.main(["--run", a.run, "--out", png])
     wall = time.time() - t_start
     out = a.out or os.path.join(a.run, "lab.json")
     with open(out, "w") as f:

@@ -16,6 +16,7 @@ import torch
 
 import config as C
 import exact_score
+import score_error
 from checkpoint import to_uint8
 from composition import LinearComposition, check_projective, two_disc_stats
 from conftest import one_line_error
@@ -284,7 +285,7 @@ def test_evaluate_exact_rows_cached_and_recorded(run_copy):
 def test_score_error_and_composition_clis(run_copy, tmp_path):
     import composition
     out = str(tmp_path / "err.png")
-    exact_score.main(["--run", run_copy, "--out", out, "--t-count", "4", "--rows", "2", "--device", "cpu"])
+    score_error.main(["--run", run_copy, "--out", out, "--t-count", "4", "--rows", "2", "--device", "cpu"])
     res = json.load(open(str(tmp_path / "err.json")))
     assert os.path.getsize(out) > 0 and res["ts"] == [0, 16, 33, 49] and len(res["columns"]) == 14
     err, exact_err = np.array(res["err"]), np.array(res["exact_err"])
@@ -297,7 +298,7 @@ def test_score_error_and_composition_clis(run_copy, tmp_path):
     # eps* against itself has no error.
     cfg = C.from_dict(torch.load(os.path.join(run_copy, "ddpm.pt"), weights_only=False)["config"])
     ex = exact_score.score_model(cfg, "cpu")
-    self_err = exact_score.score_error(ex, ex, cfg["diffusion"], 16, [0, 25, 49], rows=1)
+    self_err = score_error.score_error(ex, ex, cfg["diffusion"], 16, [0, 25, 49], rows=1)
     assert np.abs(self_err["err"]).max() < 1e-6
     st = composition.main(["--run", run_copy, "--n", "8", "--background", "empty", "--device", "cpu",
                            "--out", str(tmp_path / "c.png")])
