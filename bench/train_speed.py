@@ -2,10 +2,12 @@
 
     python bench/train_speed.py [--steps 20] [--batch-size 64] [--preset cpu]
     python bench/train_speed.py --arch dit [--patch-size 2 --dit-width 64 ...]   # the DiT (App. J)
+    python bench/train_speed.py --compile     # + torch.compile: its compile time against the gain
 
 Measures, in one run: (1) the machine's fp32 matmul peak (large square matmuls), (2) the FLOPs of one
 DDPM training step (forward + backward, counted with torch.utils.flop_counter.FlopCounterMode),
-(3) the wall time of real optimizer steps. MFU = achieved FLOP/s / matmul peak.
+(3) the wall time of real optimizer steps, in torch's default NCHW layout and in the channels_last
+layout train.py uses on a CPU (before -> after). MFU = achieved FLOP/s / matmul peak.
 """
 import argparse
 import os
@@ -21,6 +23,7 @@ from checkpoint import pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from toy_circles import CirclesData  # noqa: E402
 from models import build_model  # noqa: E402
+from trainer import training_layout  # noqa: E402
 
 
 def _attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -59,41 +62,77 @@ def main():
     p.add_argument("--preset", default="cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the training step (compile seconds and ms/step); "
+                        "skipped with a message where no compiler works")
     C.add_dataclass_args(p, C.UNetConfig, title="network (config.UNetConfig: --arch and its knobs)")
     a = p.parse_args()
     pick_device("cpu")  # sets the CPU thread count
     cfg = C.make_config("circles", a.preset, **C.overrides_from_args(a, [C.UNetConfig]))
     bs = a.batch_size or cfg["train"].batch_size
-    model = build_model(cfg)
     diffusion = GaussianDiffusion.from_config(cfg["diffusion"])
     data = CirclesData(cfg["data"].image_size, cfg["data"].delta)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
 
-    def step():
-        x0, _ = data.batch(bs, g)
-        loss = diffusion.training_loss(model, x0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def timed(layout: str, compiled: bool = False):
+        """(ms per optimizer step, FLOPs per step, compile seconds) of a fresh model in ``layout``:
+        nchw (torch's default) or channels_last (what trainer.training_layout does on a CPU)."""
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if layout == "channels_last":
+            training_layout(model, "cpu")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        net = torch.compile(model) if compiled else model
 
-    with flop_counter() as fc:
-        step()
-    flops = fc.get_total_flops()
-    for _ in range(3):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    dt = (time.perf_counter() - t0) / a.steps
+        def step():
+            x0, _ = data.batch(bs, g)
+            loss = diffusion.training_loss(net, x0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        flops = 0
+        if not compiled:
+            with flop_counter() as fc:
+                step()
+            flops = fc.get_total_flops()
+        t0 = time.perf_counter()
+        step()  # a compiled model compiles here
+        compile_s = time.perf_counter() - t0 if compiled else 0.0
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        return (time.perf_counter() - t0) / a.steps, flops, compile_s, model
+
     peak = matmul_peak()
-    achieved = flops / dt
-    print(f"preset {a.preset}, arch {cfg['unet'].arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{cfg['data'].image_size}px, batch {bs}, threads {torch.get_num_threads()}")
-    print(f"train step: {dt * 1e3:.0f} ms  -> {bs / dt:.0f} images/s, {1 / dt:.2f} steps/s")
-    print(f"FLOPs/step (fwd+bwd): {flops / 1e9:.2f} GFLOP  ({flops / bs / 1e9:.3f} GFLOP/image)")
-    print(f"achieved {achieved / 1e9:.0f} GFLOP/s; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
-          f"MFU {achieved / peak:.0%}")
+    print(f"preset {a.preset}, arch {cfg['unet'].arch}, {cfg['data'].image_size}px, batch {bs}, "
+          f"threads {torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    rows = {}
+    for layout in ("nchw", "channels_last"):
+        dt, flops, _, model = timed(layout)
+        rows[layout] = dt
+        if layout == "nchw":
+            print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; FLOPs/step (fwd+bwd): "
+                  f"{flops / 1e9:.2f} GFLOP ({flops / bs / 1e9:.3f} GFLOP/image)")
+            step_flops = flops
+        print(f"train step, {layout:13s}: {dt * 1e3:5.0f} ms -> {bs / dt:4.0f} images/s, "
+              f"{step_flops / dt / 1e9:4.0f} GFLOP/s = {step_flops / dt / peak:4.0%} of the matmul peak")
+    print(f"channels_last / nchw: {rows['nchw'] / rows['channels_last']:.2f}x "
+          f"(train.py uses channels_last on a CPU: trainer.training_layout)")
+    if a.compile:
+        try:
+            dt, _, compile_s, _ = timed("channels_last", compiled=True)
+        except Exception as e:  # no compiler, or an unsupported op: report, do not fail the bench
+            print(f"torch.compile: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        else:
+            saved = rows["channels_last"] - dt
+            pays = f"pays for itself after {compile_s / saved:.0f} steps" if saved > 0 else "never pays"
+            print(f"train step, compiled     : {dt * 1e3:5.0f} ms ({step_flops / dt / 1e9:.0f} GFLOP/s) after "
+                  f"a {compile_s:.0f} s compile: {pays} (the cpu preset trains {cfg['train'].steps})")
+    peak_after = matmul_peak()
+    print(f"fp32 matmul peak again at the end: {peak_after / 1e9:.0f} GFLOP/s (a drop means a busy machine)")
 
 
 if __name__ == "__main__":
