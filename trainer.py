@@ -60,17 +60,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def training_layout(model: torch.nn.Module, device) -> torch.nn.Module:
-    """``model`` with channels_last (NHWC) conv weights on a CPU, in place; unchanged elsewhere.
-    oneDNN's CPU convolutions run in NHWC, so NCHW weights make every conv convert its input and
-    its gradients. Same values, other strides: a training step gives the same loss and update to
-    float rounding (tests/test_training.py). Done before the optimizer exists, so Adam's moments
-    take the same layout. bench/train_speed.py measures both layouts in one run (README)."""
-    if torch.device(device).type == "cpu":
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
 def precision(device, allow_reduced: bool = True):
     """(autocast context factory, GradScaler or None, label) for training on ``device``."""
     if device.type != "cuda" or not allow_reduced:
@@ -200,7 +189,6 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
     path = ckpt_path(args.out, job.name)
     log_path = os.path.join(args.out, f"log_{job.name}.jsonl")
     autocast, scaler, prec = precision(device, job.mixed_precision)
-    training_layout(job.model, device)
     opt = torch.optim.AdamW(job.model.parameters(), lr=job.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if ck is not None:
