@@ -11,7 +11,8 @@ Presets (paper §5.5, App. C; the authors' circles configuration):
     attention at 8, 3000 steps; learned Sigma trained with L_hybrid, as the authors do (App. A, C;
     diffusion.py).
   * ``cpu`` - the same experiment sized for a 2-core laptop CPU: 32x32 images rendered natively
-    (radius-1 discs, same delta), a small UNet, ~6 minutes of training (DDPM and both classifiers).
+    (radius-1 discs, same delta), a small UNet, 6-9.5 minutes of training (DDPM and both classifiers;
+    README quick start: two 2-core machines).
 """
 from __future__ import annotations
 
