@@ -32,13 +32,12 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import UserError, cli, from_uint8
+from checkpoint import UserError, atomic_path, cli, from_uint8, write_bytes_atomic
 
 ATTR_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -163,7 +162,7 @@ def read_index_list(path: str, n_train: int) -> np.ndarray:
 def write_index_list(path: str, indices) -> None:
     """Write indices (0-based, into the train partition) one per line, atomically."""
     text = "".join(f"{int(i)}\n" for i in indices)
-    _write_atomic(path, text.encode())
+    write_bytes_atomic(path, text.encode())
 
 
 # ----- preprocessing ----------------------------------------------------------------------------
@@ -240,27 +239,6 @@ def cache_paths(data_dir: str, split: str, size: int, cache_dir: str | None = No
     return base + ".npy", base + ".json"
 
 
-def _publish(tmp: str, path: str) -> None:
-    """Rename a finished temp file into place with the permissions of a normally created file
-    (mkstemp makes it 0600, which would hide a shared cache from other users)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _open_cache(npy: str, meta_path: str, meta: dict):
     """The memmap if the sidecar matches ``meta`` and the array has the right shape, else None."""
     try:
@@ -278,10 +256,7 @@ def _decode_into(npy: str, paths: list[str], size: int, desc: str, progress: boo
     """Decode ``paths`` row by row into a temp .npy memmap (never the whole split in RAM), then
     rename it into place, so a crash leaves either the old cache or none."""
     from tqdm import tqdm
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npy)), prefix=".tmp-",
-                               suffix=".npy")
-    os.close(fd)
-    try:
+    with atomic_path(npy, ".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(paths), size, size, 3))
         for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress,
@@ -289,11 +264,6 @@ def _decode_into(npy: str, paths: list[str], size: int, desc: str, progress: boo
             out[i] = decode_image(p, size)
         out.flush()
         del out
-        _publish(tmp, npy)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_split(data_dir: str, split: str, size: int, files: list[str], rows: np.ndarray,
@@ -314,7 +284,7 @@ def load_split(data_dir: str, split: str, size: int, files: list[str], rows: np.
         _decode_into(npy, [os.path.join(img_dir, f) for f in split_files], size,
                      f"decoding CelebA {split} at {size}px (once)", progress)
         # The sidecar goes last: it is what marks the cache as complete for this source.
-        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        write_bytes_atomic(meta_path, json.dumps(meta, indent=1).encode())
     except OSError as e:
         raise UserError(f"cannot write the decoded cache {npy} ({e.strerror or e}); free disk "
                         "space or pass a writable cache_dir (--cache-dir)") from None

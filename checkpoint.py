@@ -9,6 +9,7 @@ truncated file behind. sample.py / evaluate.py rebuild models from the stored co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -102,17 +103,34 @@ def ensure_writable_dir(path: str) -> None:
                         "pass a writable --out") from None
 
 
-def save_atomic(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yield a temp file name beside ``path``; on success it replaces ``path`` (os.replace), on any
+    error it is removed, so a crash leaves either the old file or none, never a truncated one.
+    The file gets the permissions of a normally created one (mkstemp makes it 0600, which would
+    hide a shared cache from other users)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(obj, tmp)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def load_checkpoint(run: str, name: str, map_location="cpu") -> dict:

@@ -161,3 +161,21 @@ def test_every_config_flag_says_what_it_means():
     text = " ".join(train.build_parser().format_help().split())
     assert "width of each extreme training band in z (§4.1) (default: 0.2)" in text
     assert "cosine decay to 10%)" in text  # '%' survives argparse's formatting
+
+
+def test_atomic_writes_keep_the_old_file_on_error_and_get_normal_permissions(tmp_path):
+    from checkpoint import atomic_path, write_bytes_atomic
+    path = tmp_path / "f.bin"
+    write_bytes_atomic(str(path), b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(path)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half-writ")
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"old"                      # the old file survives a crash
+    assert os.listdir(tmp_path) == ["f.bin"]                # and the temp file is gone
+    write_bytes_atomic(str(path), b"new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask    # not mkstemp's private 0600
