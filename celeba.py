@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attributes import attribute_labels, attribute_list
 from checkpoint import UserError, atomic_path, cli, from_uint8, write_bytes_atomic
 
 ATTR_FILE = "list_attr_celeba.txt"
@@ -109,13 +110,6 @@ def _read_partition_file(data_dir: str):
 def read_partition(data_dir: str) -> np.ndarray:
     """int8 [N]: 0 train, 1 valid, 2 test, in list_eval_partition.txt's file order."""
     return _read_partition_file(data_dir)[1]
-
-
-def attribute_index(names: list[str], name: str) -> int:
-    """Column of attribute ``name``; an unknown name is a one-line error listing the valid ones."""
-    if name not in names:
-        raise UserError(f"unknown CelebA attribute {name!r}; choose from {', '.join(names)}")
-    return names.index(name)
 
 
 def split_rows(data_dir: str, split: str):
@@ -312,46 +306,6 @@ class RowView:
         return a if dtype is None else a.astype(dtype)
 
 
-def _attribute_list(attribute) -> tuple[list[str], bool]:
-    """(names, single): a name, a comma-separated string, or a list of names."""
-    if isinstance(attribute, str):
-        names = [a.strip() for a in attribute.split(",") if a.strip()]
-        return names, len(names) == 1
-    return list(attribute), False
-
-
-def attribute_slug(attribute: str) -> str:
-    """``attribute`` as a file-name part: ``Blond_Hair/Black_Hair`` -> ``Blond_Hair-vs-Black_Hair``."""
-    return attribute.replace("/", "-vs-").replace(",", "+")
-
-
-def attribute_labels(names: list[str], attrs: np.ndarray, item: str):
-    """(0/1 labels [N], defined [N] bool) of one attribute item over the rows of ``attrs``.
-
-    ``A`` is CelebA's column A (defined everywhere). ``A/B`` is the paper's *A versus B* (§5.4:
-    "Blond_Hair"/"Black_Hair"): label 1 where A = 1 and B = 0, label 0 where A = 0 and B = 1, and
-    undefined where both or neither hold (CelebA's brown- or grey-haired faces: neither class of
-    a blond-vs-black experiment, so they must not be read as class 0)."""
-    parts = [a.strip() for a in item.split("/")]
-    if len(parts) > 2 or not all(parts) or len(set(parts)) != len(parts):
-        raise UserError(f"attribute {item!r}: write one name (Smiling) or two different names A/B "
-                        "(Blond_Hair/Black_Hair: A = class 1 against B = class 0)")
-    a = attrs[:, attribute_index(names, parts[0])].astype(np.int64)
-    if len(parts) == 1:
-        return a, np.ones(len(a), dtype=bool)
-    b = attrs[:, attribute_index(names, parts[1])].astype(np.int64)
-    return a, a != b
-
-
-def corner_classes(labels: np.ndarray) -> np.ndarray:
-    """k binary attributes [N, k] -> one of 2^k corner classes (§6, App. F), attribute 1 first:
-    class = sum_i (1 - a_i) 2^(k-1-i). For Smiling,Black_Hair: 0 smile+black, 1 smile+not black,
-    2 no smile+black, 3 no smile+not black (the authors' order)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    k = labels.shape[1]
-    return ((1 - labels) * (2 ** np.arange(k - 1, -1, -1))).sum(1)
-
-
 class CelebAData:
     """CelebA images of one split (optionally an index list of the train split), drawn in
     random batches like ``toy_circles.CirclesData``.
@@ -366,7 +320,7 @@ class CelebAData:
                  index_list: str | None = None, flip: bool = True, cache_dir: str | None = None,
                  progress: bool = True):
         names, files, attrs, rows = split_rows(data_dir, split)
-        wanted, single = _attribute_list(attribute)
+        wanted, single = attribute_list(attribute)
         if not wanted:
             raise UserError(f"no CelebA attribute given; choose from {', '.join(names)}")
         item_labels = [attribute_labels(names, attrs[rows], a) for a in wanted]  # over the split

@@ -363,7 +363,8 @@ def intersect_lists(a: str, b: str, out: str) -> np.ndarray:
 
 
 def main(argv=None):
-    from celeba import CelebAData, attribute_slug
+    from attributes import attribute_slug
+    from celeba import CelebAData
     args = build_parser().parse_args(argv)
     if args.intersect is not None:
         lists = [p.strip() for p in args.intersect.split(",") if p.strip()]

@@ -58,7 +58,7 @@ EVAL_SEED_OFFSET = 100   # the eval classifier's seed differs from the filter cl
 
 
 def eval_path(filter_dir: str, attribute: str) -> str:
-    from celeba import attribute_slug
+    from attributes import attribute_slug
     return os.path.join(filter_dir, f"eval_{attribute_slug(attribute)}.pt")
 
 

@@ -43,7 +43,8 @@ import numpy as np
 
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from config import SampleConfig
-from celeba import CelebAData, attribute_slug
+from attributes import attribute_slug
+from celeba import CelebAData
 from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
 from evaluate import hist_kld, hist_mse, histogram
 from memorisation import memorisation_report

@@ -72,7 +72,7 @@ def load_data(dcfg, dist: Dist = Dist()):
                           dcfg.index_list or None, dcfg.flip, dcfg.cache_dir or None,
                           progress=dist.main)
         if data.labels.ndim == 2:  # several attributes: the classifiers learn the corners (§6)
-            from celeba import corner_classes
+            from attributes import corner_classes
             data.labels = corner_classes(data.labels)
     else:
         raise UserError(f"unknown dataset {dcfg.dataset!r}; choose one of {C.DATASETS}")

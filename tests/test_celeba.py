@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attributes
 import celeba
 import toy_faces
 from conftest import one_line_error
@@ -39,7 +40,7 @@ def test_attributes_parsed_by_name(tmp_path):
     got_names, files, a = celeba.read_attributes(str(d))
     assert got_names == toy_faces.CELEBA_ATTRIBUTES and files == ["000001.jpg", "000002.jpg"]
     assert a.dtype == np.int8 and a.shape == (2, 40) and set(np.unique(a)) <= {0, 1}
-    col = lambda n: celeba.attribute_index(got_names, n)
+    col = lambda n: attributes.attribute_index(got_names, n)
     assert a[0, col("Smiling")] == 1 and a[0, col("Young")] == 1 and a[0, col("Arched_Eyebrows")] == 1
     assert a[0, col("Male")] == 0 and a[0, col("Black_Hair")] == 0 and a[0, col("5_o_Clock_Shadow")] == 0
     assert a.sum(1).tolist() == [13, 13]
@@ -162,7 +163,7 @@ def test_versus_attribute_keeps_only_the_two_classes(faces, tmp_path):
                        ("Blond_Hair/Brown/Black_Hair", ("two different names",)),
                        ("Blond_Hair/Red_Hair", ("unknown CelebA attribute 'Red_Hair'",))):
         one_line_error(lambda: celeba.CelebAData(faces, SIZE, bad, progress=False), *words)
-    assert celeba.attribute_slug("Blond_Hair/Black_Hair") == "Blond_Hair-vs-Black_Hair"
+    assert attributes.attribute_slug("Blond_Hair/Black_Hair") == "Blond_Hair-vs-Black_Hair"
 
 
 # ----- the decoded cache ------------------------------------------------------------------------

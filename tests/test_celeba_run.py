@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import attributes
 import celeba
 import sample
 import toy_faces
@@ -46,7 +47,7 @@ def test_two_attributes_give_four_corner_classes(faces, tmp_path):
     train.main(celeba_args(faces, out, "--attribute", "Smiling,Black_Hair", "--model", "classifier"))
     assert load_checkpoint(out, "classifier")["num_classes"] == 4
     # corner order of App. F: 0 smile+black, 1 smile+not black, 2 no smile+black, 3 neither
-    assert celeba.corner_classes(np.array([[1, 1], [1, 0], [0, 1], [0, 0]])).tolist() == [0, 1, 2, 3]
+    assert attributes.corner_classes(np.array([[1, 1], [1, 0], [0, 1], [0, 0]])).tolist() == [0, 1, 2, 3]
 
 
 def test_celeba_needs_a_data_dir(tmp_path):
