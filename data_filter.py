@@ -304,9 +304,8 @@ def write_outputs(out: str, index: np.ndarray, result: dict, oversample) -> list
 
 
 def plot_hist(path: str, p_all, kept_rows, attribute: str, k: int) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from figures import pyplot, save
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(0, 1, 51)
     ax.hist(p_all, bins, histtype="step", lw=1.5, label=f"all train ({len(p_all)})")
@@ -315,8 +314,7 @@ def plot_hist(path: str, p_all, kept_rows, attribute: str, k: int) -> str:
            title=f"{attribute}: evaluation-classifier p before and after filtering")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 

@@ -55,6 +55,7 @@ import config as C
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from detector import circle_stats, middle_comb
 import exact_score
+from figures import plot_heatmaps, plot_histograms
 from toy_circles import radius_for, render_disc, training_edges
 
 # ----------------------------------------------------------------------------------------------
@@ -153,31 +154,8 @@ def metrics_of(stats: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures
+# The classifiers' heatmaps (Fig. 7b; figures.plot_heatmaps draws them)
 # ----------------------------------------------------------------------------------------------
-
-
-def plot_histograms(stats: dict, path: str, delta: float = 0.2) -> None:
-    """Fig. 5 style: distribution of detected z per method, log-scaled counts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(0, 1, 101)
-    for name, s in stats.items():
-        if len(s["z"]):
-            ax.hist(s["z"], bins=bins, histtype="step", lw=1.5,
-                    label=f"{name} (n = {s['hist_n']} one-disc samples, acc {s['accuracy']:.0%}, "
-                          f"MSE {s['hist_mse']:.2f}, KLD {s['hist_kld']:.2f})")
-    for lo, hi in ((0, delta), (1 - delta, 1)):
-        ax.axvspan(lo, hi, color="green", alpha=0.08)
-    ax.set_yscale("log")
-    ax.set_xlabel("z = normalised x of the detected disc (shaded: training regions)")
-    ax.set_ylabel("count")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -203,27 +181,6 @@ def classifier_heatmap(clf, size: int, t: int = 0, diffusion=None, draws: int = 
         for (x, y), v in zip(chunk, (p / (draws if t > 0 else 1)).numpy()):
             heat[y, x] = v
     return heat
-
-
-def plot_heatmaps(heats: dict, path: str, delta: float = 0.2) -> None:
-    """heats: {(classifier name, t): heatmap}; one column per classifier, one row per t."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = sorted({k[0] for k in heats})
-    ts = sorted({k[1] for k in heats})
-    fig, axes = plt.subplots(len(ts), len(names), figsize=(3.8 * len(names), 3.4 * len(ts)), squeeze=False)
-    for (name, t), h in heats.items():
-        ax = axes[ts.index(t)][names.index(name)]
-        im = ax.imshow(h, vmin=0, vmax=1, cmap="viridis", origin="upper")
-        for z in (delta, 1 - delta):
-            ax.axvline(z * (h.shape[0] - 1), color="lime", lw=1)
-        ax.set_title(f"{name}: P(right | disc at (x, y), t={t})", fontsize=8)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from attributes import attribute_slug
 from celeba import CelebAData
 from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
 from evaluate import hist_kld, hist_mse, histogram
+from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
 
 SAMPLE_BATCH = SampleConfig.batch_size
@@ -220,69 +221,6 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
             m["z_center_03_07"] = center_fraction(za, zb)
             m["z_heatmap_counts"] = hist2d(za, zb).tolist()
     return m, probs
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_hist_p(probs: dict, metrics: dict, path: str) -> None:
-    """Fig. 5 style: distribution of calibrated p per row, log counts; one panel per attribute."""
-    plt = _plt()
-    attrs = list(next(iter(probs.values())))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(7 * len(attrs), 3.6), squeeze=False)
-    bins = np.linspace(0, 1, 101)
-    for ax, a in zip(axes[0], attrs):
-        sfx = f"_{a}" if len(attrs) > 1 else ""
-        for name, pr in probs.items():
-            m = metrics[name]
-            ax.hist(pr[a], bins=bins, histtype="step", lw=1.5, density=True,
-                    label=f"{name} (n {m['n']}, MSE {m['hist_mse' + sfx]:.2f}, KLD {m['hist_kld' + sfx]:.2f}, "
-                          f"[0.3,0.7] {m['frac_03_07' + sfx]:.1%})")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set(yscale="log", xlabel=f"calibrated p({a} = 1 | x)", ylabel="density")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_heatmap_2d(counts, attrs, path: str, title: str = "", quantity: str = "p") -> None:
-    """§6, Fig. 9: log counts of (p_1, p_2) (or of another ``quantity`` in [0, 1]) on a 20 x 20 grid."""
-    plt = _plt()
-    c = np.asarray(counts, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(4.6, 4))
-    im = ax.imshow(np.log10(c + 1), origin="lower", extent=[0, 1, 0, 1], cmap="viridis")
-    ax.set(ylabel=f"{quantity}({attrs[0]})", xlabel=f"{quantity}({attrs[1]})", title=title or "log10(1 + count)")
-    for v in (0.3, 0.7):
-        ax.axhline(v, color="w", lw=0.6, ls="--")
-        ax.axvline(v, color="w", lw=0.6, ls="--")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_sweep(sweep: dict, path: str) -> None:
-    plt = _plt()
-    lams = sorted(sweep, key=float)
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
-    for a, key in zip(ax, ("hist_mse", "hist_kld")):
-        keys = [k for k in sweep[lams[0]] if k.startswith(key)]
-        for kk in keys:
-            a.plot([float(l) for l in lams], [sweep[l][kk] for l in lams], "o-", label=kk)
-        a.set(xscale="log", xlabel="lambda (every class)", ylabel=key.replace("hist_", "") + " to uniform")
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

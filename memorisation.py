@@ -54,9 +54,8 @@ def memorisation(samples_u8, train_u8, k: int = 8, rows: int = 8, features=None)
 
 
 def plot_memorisation(samples_u8, train_u8, res: dict, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from figures import pyplot, save
+    plt = pyplot()
     r, k = res["neighbours"].shape
     fig, axes = plt.subplots(r, k + 1, figsize=(1.2 * (k + 1), 1.35 * r), squeeze=False)
     for i in range(r):
@@ -69,8 +68,7 @@ def plot_memorisation(samples_u8, train_u8, res: dict, path: str, title: str) ->
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def memorisation_report(samples, train_u8, featurize, run, name, rows=8, k=8) -> dict:

@@ -71,9 +71,8 @@ def score_error(model, exact: ExactEps, dcfg, size: int, ts, rows: int = 8, draw
 
 def plot_score_error(res: dict, path: str, delta: float = 0.2) -> None:
     """Heatmap of log10 E||eps_theta - eps*||^2 (z on x, t on y) and line plots against t and z."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from figures import pyplot, save
+    plt = pyplot()
     err, z, ts = np.asarray(res["err"]), np.asarray(res["z"]), np.asarray(res["ts"])
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     dz, dt = (z[1] - z[0]) / 2, (ts[1] - ts[0]) / 2 if len(ts) > 1 else 1
@@ -102,8 +101,7 @@ def plot_score_error(res: dict, path: str, delta: float = 0.2) -> None:
     ax[2].set_xlabel("z of the disc")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary_lines(res: dict, every: int = 1) -> list[str]:

@@ -307,9 +307,8 @@ def plot_loss_curve(log_path, png, title):
         recs = [json.loads(ln) for ln in f if ln.strip()]
     if not recs:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from figures import pyplot, save
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2)
     ax.set_yscale("log")
@@ -320,5 +319,4 @@ def plot_loss_curve(log_path, png, title):
     ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="grey", lw=0.8, ls="--")
     ax2.set_ylabel("lr (dashed)")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, dpi=110)
