@@ -2,8 +2,10 @@
 
     python bench/circles_table.py [--root runs/table] [--ddpm-seeds 0,1,2] [--clf-seeds 1,2] [--n 512]
     python bench/circles_table.py --antialias     # the same DDPMs, anti-aliased classifiers
+    python bench/circles_table.py --preset cpu64 --root runs/table64   # the authors' 64-px circles
 
-Trains what is missing (cpu preset, ``train.py --seed s``), one directory per model seed:
+Trains what is missing (``train.py --preset P --seed s``, cpu preset by default), one directory per
+model seed:
   <root>/ddpm_seed<s>/ddpm.pt            the DDPM of seed s
   <root>/clf_seed<c>/classifier{,_sn}.pt  a classifier pair of seed c (it does not depend on the DDPM)
   <root>/pair_d<s>_c<c>/                 links to both, where multi / multi_sn are sampled
@@ -36,13 +38,19 @@ KEYS = ["accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_t
 PCT = {"accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two"}
 
 
-def ensure_trained(out, model, seed, extra=()):
+def ensure_trained(out, model, seed, preset, extra=()):
     names = {"ddpm": ["ddpm.pt"], "classifier": ["classifier.pt", "classifier_sn.pt"]}[model]
     if all(os.path.exists(os.path.join(out, n)) for n in names):
+        # A root holds one preset: a 32-px classifier cannot guide a 64-px DDPM.
+        size = train.C.from_dict(train.load_checkpoint(out, names[0][:-3])["config"])["data"].image_size
+        want = train.C.make_config("circles", preset)["data"].image_size
+        if size != want:
+            raise SystemExit(f"{out} holds {size}-px models but --preset {preset} is {want} px; "
+                             "use another --root for each preset")
         return
     resume = ["--resume"] if any(os.path.exists(os.path.join(out, n)) for n in names) else []
-    train.main(["--dataset", "circles", "--model", model, "--seed", str(seed), "--out", out,
-                "--no-grid"] + resume + list(extra))
+    train.main(["--dataset", "circles", "--preset", preset, "--model", model, "--seed", str(seed),
+                "--out", out, "--no-grid"] + resume + list(extra))
 
 
 def link_pair(root, s, c, tag=""):
@@ -82,6 +90,8 @@ def main():
     p.add_argument("--root", default="runs/table")
     p.add_argument("--ddpm-seeds", default="0,1,2")
     p.add_argument("--clf-seeds", default="1,2")
+    p.add_argument("--preset", default="cpu", help="train.py preset of the models it trains: cpu "
+                   "(32 px) or cpu64 (the authors' 64-px images); keep one preset per --root")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--lambdas", default="30,30")
     p.add_argument("--antialias", action="store_true",
@@ -95,9 +105,9 @@ def main():
     peak = matmul_peak()
     t0 = time.time()
     for s in ds:
-        ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s)
+        ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s, a.preset)
     for c in cs:
-        ensure_trained(os.path.join(a.root, f"clf_seed{c}{tag}"), "classifier", c, extra)
+        ensure_trained(os.path.join(a.root, f"clf_seed{c}{tag}"), "classifier", c, a.preset, extra)
     t_train = time.time() - t0
 
     rows = {"uncond": [], "multi": [], "multi_sn": []}
