@@ -60,6 +60,10 @@ class UNetConfig:
     num_res_blocks: int = knob(1, "residual blocks per resolution")
     attention_resolutions: tuple = knob((8, 4), "resolutions (in px) with self-attention")
     num_head_channels: int = knob(32, "channels per attention head")
+    # True is also what a checkpoint written before this option existed gets (config.from_dict).
+    upsample_conv: bool = knob(True, "a 3x3 conv after each nearest 2x upsampling of the decoder (the "
+                                     "reference UNet's conv_resample); --no-upsample-conv: 22 % fewer "
+                                     "FLOPs at 32 px, at a cost in quality (README, issue 8)")
     dropout: float = knob(0.0, "dropout in the residual blocks (dit: in the MLPs)")
     # The DiT's knobs (--arch dit, dit.py); a checkpoint written before they existed is a UNet and
     # never reads them. The defaults cost about what the cpu UNet does at 32 px (README).

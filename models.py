@@ -23,7 +23,7 @@ ARCHS = ("unet", "dit")
 # The config fields only one backbone reads (dropout is shared): a typed flag of the other
 # backbone would be silently ignored, so train.py refuses it (check_arch_flags).
 ARCH_KNOBS = {"unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                       "num_head_channels"),
+                       "num_head_channels", "upsample_conv"),
               "dit": ("patch_size", "dit_width", "dit_depth", "dit_heads")}
 
 
