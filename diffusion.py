@@ -341,18 +341,21 @@ class GaussianDiffusion:
     def ddim_eps_x0(self, model, xt, t, clip_denoised=True, guidance=None):
         """(eps^, x^_0) of one DDIM step.
 
-        Guidance acts on eps^ (Dhariwal & Nichol 2021, Alg. 2): eps^ - sqrt(1 - abar_t) g, the same
-        g = grad_x sum_m lambda_m log p(y_m | x_t) that shifts the ancestral mean by sigma_t^2 g
-        (both add g to the score -eps / sqrt(1 - abar_t)). Clipping x^_0 comes after the shift,
-        and eps^ is then recomputed from the clipped x^_0 so that the pair still satisfies Eq. (4)
-        at x_t: Eq. (12) then moves along a path consistent with a data-range x^_0."""
+        1. x^_0 from the network's eps^ (Eq. 4 solved for x_0), clipped to the data range, and eps^
+           re-derived from the clipped x^_0 so that the pair satisfies Eq. (4) at x_t.
+        2. Guidance shifts that eps^ by -sqrt(1 - abar_t) g (Dhariwal & Nichol 2021, Alg. 2), the same
+           g = grad_x sum_m lambda_m log p(y_m | x_t) that shifts the ancestral mean by sigma_t^2 g
+           (both add g to the score -eps / sqrt(1 - abar_t)).
+        3. x^_0 is taken again from the shifted eps^, without a second clip: clipping after the
+           shift would cut away exactly the guidance that pushes x^_0 past the data range."""
         eps = self.model_eps(self.model_output(model, xt, t)[0], xt, t)
-        if guidance is not None:
-            eps = eps - self._at("sqrt_1m_ab", t, xt.shape) * guidance(xt, self.model_t(t))
         x0 = self.predict_x0(xt, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
             eps = self.eps_from_x0(xt, t, x0)
+        if guidance is not None:
+            eps = eps - self._at("sqrt_1m_ab", t, xt.shape) * guidance(xt, self.model_t(t))
+            x0 = self.predict_x0(xt, t, eps)
         return eps, x0
 
     def ddim_sigma(self, t, eta: float, shape) -> torch.Tensor:

@@ -122,6 +122,29 @@ def test_ddim_guidance_shifts_eps_by_sqrt_one_minus_abar_times_g():
     assert torch.allclose(x01 - x00, torch.full_like(x, 0.5 * (1 - ab) / ab ** 0.5), atol=1e-5)
 
 
+def test_guided_ddim_step_clips_before_the_guidance_shift():
+    """The reference order (guided-diffusion's condition_score under DDIM): clip x^_0 first, derive
+    eps^ from it, shift eps^ by -sqrt(1 - abar) g, take x^_0 from the shifted eps^ unclipped. A
+    guidance that pushes x^_0 past +1 must survive; clipping after the shift would erase it."""
+    d, model = toy()
+    t = torch.full((4,), 300)
+    x = torch.tensor([0.9, 0.2, -0.5, 1.3]).view(4, 1, 1, 1)
+    g = lambda x, t: torch.full_like(x, 3.0)  # noqa: E731  a strong push towards larger x^_0
+    ab = d.alphas_cumprod[300].item()
+    eps_net = model(x, t)
+    x0 = ((x - (1 - ab) ** 0.5 * eps_net) / ab ** 0.5).clamp(-1, 1)     # 1. clip
+    eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5                         #    eps^ from the clipped x^_0
+    eps = eps - (1 - ab) ** 0.5 * 3.0                                      # 2. shift
+    x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5                          # 3. no second clip
+    got_eps, got_x0 = d.ddim_eps_x0(model, x, t, True, guidance=g)
+    assert torch.allclose(got_eps, eps, atol=1e-5) and torch.allclose(got_x0, x0, atol=1e-5)
+    assert (got_x0 > 1).any()  # the guidance carried x^_0 past the clip, as the reference allows
+    # One full step agrees with Eq. (12) of DDIM built from the reference pair (eta = 0).
+    xp, _ = d.ddim_sample(model, x, t, 0.0, True, guidance=g)
+    abp = d.alphas_cumprod[299].item()
+    assert torch.allclose(xp, abp ** 0.5 * x0 + (1 - abp) ** 0.5 * eps, atol=1e-5)
+
+
 def test_slerp_endpoints_norm_and_orthogonal_midpoint():
     from interpolate import slerp
     gen = torch.Generator().manual_seed(0)
