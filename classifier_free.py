@@ -9,17 +9,19 @@ eps(x_t, t, null)) is sampled with multi-guidance over all M classes, without a 
 
 Why the affine form is the default: its weights sum to 1, as in Ho & Salimans' (1 + w) eps_c -
 w eps_null. Where the conditional and unconditional predictions agree, eps~ is that prediction:
-guidance only adds the difference. In scores (s = -eps / sqrt(1 - abar)) it is
-    s(null) + sum_m (lambda / M) [s(m) - s(null)] = s(null) + sum_m (lambda / M) grad log p(m | x_t),
-i.e. multi-guidance (Eq. 2) with the classifier implied by the denoiser, lambda / M per class: on
-two classes, --scale 60 here is the counterpart of the classifier's --lambdas 30,30. The printed
-weights sum to 1 - 2 lambda: even where every prediction agrees on eps, the result is (1 - 2 lambda)
-eps (-59 eps at lambda = 30), a rescaled noise estimate rather than a guided one; we read it as a
-sign slip and offer it as ``--cfg-form printed`` to compare.
+guidance only adds the difference. Rewritten around the null prediction,
+    eps~ = eps(null) + sum_m ((1 + lambda) / M) [eps(m) - eps(null)],
+and in scores (s = -eps / sqrt(1 - abar), s(m) - s(null) = grad log p(m | x_t) by Bayes) it is
+multi-guidance (Eq. 2) with the classifier implied by the denoiser at (1 + lambda) / M per class, not
+lambda / M: on two classes --scale 59 here is the counterpart of the classifier's --lambdas 30,30,
+and --scale 30 guides each class about half as strongly. The printed weights sum to 1 - 2 lambda:
+even where every prediction agrees on eps, the result is (1 - 2 lambda) eps (-59 eps at lambda = 30),
+a rescaled noise estimate rather than a guided one; we read it as a sign slip and offer it as
+``--cfg-form printed`` to compare.
 
 Unequal ``--lambdas`` generalise the mean to a weighted mean: lambda = mean_m lambda_m and class m
 weighs lambda_m / sum_k lambda_k (entries must then be >= 0), which is again multi-guidance with
-the implied classifier, lambda_m / M per class. Equal lambdas (``--scale``, any sign) weigh the
+the implied classifier. Equal lambdas (``--scale``, any sign) weigh the
 classes equally.
 
 The combination is taken in eps space. A v-predicting network's output (the cpu preset,

@@ -120,7 +120,9 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
                           | ({"score": score} if score != "learned" else {})
                           | ({"classifier": clf} if clf == "exact" else {})
                           | ({"cfg_form": cfg_form} if guidance == "cfg" else {}))
-    path = os.path.join(run, f"eval_{method}.npz")
+    # One cache file per sampler, so that DDIM and ancestral samples of a method do not evict each other.
+    tag = "" if sampler == "ancestral" else f"_ddim_eta{eta:g}"
+    path = os.path.join(run, f"eval_{method}{tag}.npz")
     if not resample and os.path.exists(path):
         z = np.load(path)
         if str(z["settings"]) == settings:

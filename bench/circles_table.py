@@ -20,7 +20,6 @@ The paper reports mean ± std over 10 classifiers on one DDPM (78 % ± 8.7 % pla
 spectral norm). Wall time is printed beside the fp32 matmul GFLOP/s measured in the same run.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import pick_device  # noqa: E402
 from toy_circles import band_positions  # noqa: E402
-from train_speed import matmul_peak  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from results.record import Recorder, mean_std  # noqa: E402
 
 KEYS = ["accuracy", "one_disc", "blob", "zero_disc", "two_plus_disc", "zero_or_two", "hist_mse",
         "hist_kld", "hist_n", "comb_2", "comb_4", "comb_8"]
@@ -102,7 +101,9 @@ def main():
     pick_device("cpu")
     ds = [int(s) for s in a.ddpm_seeds.split(",")]
     cs = [int(c) for c in a.clf_seeds.split(",")]
-    peak = matmul_peak()
+    experiment = {"cpu": "circles_table", "cpu64": "circles64"}.get(a.preset, f"circles_table_{a.preset}") + \
+        ("_antialias" if a.antialias else "")
+    rec = Recorder(experiment, f"§5.5 table over seeds ({a.preset} preset{', anti-aliased classifiers' if a.antialias else ''})")
     t0 = time.time()
     for s in ds:
         ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s, a.preset)
@@ -151,16 +152,35 @@ def main():
         print(f"{name:<9}{len(rs):>6}" + "".join(f"{fmt(k, v):>17}" for k, v in vals.items()))
     print("paper:    multi accuracy 78% ± 8.7%, zero-or-two 4.25% ± 2.45%; multi_sn accuracy 75% ± 13.3%")
     wall = time.time() - t0
-    out = os.path.join(a.root, f"summary{tag}.json")
-    with open(out, "w") as f:
-        json.dump({"antialias": a.antialias, "ddpm_seeds": ds, "clf_seeds": cs, "n": a.n, "lambdas": a.lambdas, "summary": summary,
-                   "per_ddpm_seed": {str(k): v for k, v in per_ddpm.items()},
-                   "pairs": {k: v for k, v in rows.items() if k != "uncond"},
-                   "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2, default=str)
+    pct = ("accuracy", "one_disc", "zero_disc", "two_plus_disc", "zero_or_two")
+    cols = ["method", "pairs", "accuracy", "one disc", "zero disc", "two+ discs", "zero or two", "hist MSE",
+            "hist KLD", "comb_4"]
+    trows = []
+    for name, rs in rows.items():
+        trows.append([name, len(rs)] + [mean_std([r[k] for r in rs], pct=True) for k in pct] +
+                     [mean_std([r[k] for r in rs], digits=3) for k in ("hist_mse", "hist_kld")] +
+                     ["–" if name == "uncond" else mean_std([r["comb_4"] for r in rs], digits=3)])
+    trows.append(["paper, multi", "10 clf", "78.0 % ± 8.7", "", "", "", "4.2 % ± 2.5", "", "", ""])
+    trows.append(["paper, multi_sn", "10 clf", "75.0 % ± 13.3", "", "", "", "", "", "", ""])
+    pair_rows = [[f"d{r['ddpm_seed']} c{r['clf_seed']}", f"{100 * r['accuracy']:.1f} %",
+                  f"{100 * r['zero_or_two']:.1f} %", f"{100 * q['accuracy']:.1f} %", f"{100 * q['zero_or_two']:.1f} %"]
+                 for r, q in zip(rows["multi"], rows["multi_sn"])]
+    leak_rows = [[s, f"{100 * d['uncond_middle']:.1f} %", d["leak_near_band_edge"], d["leak_deep_middle"]]
+                 for s, d in per_ddpm.items()]
+    tables = [{"title": f"mean ± std over {len(ds)} DDPM seeds × {len(cs)} classifier seeds (uncond: over DDPM seeds); "
+                        f"λ = [{a.lambdas}], {a.n} samples per method and pair",
+               "columns": cols, "rows": trows},
+              {"title": "per pair: accuracy and zero-or-two rate", "columns":
+               ["pair", "multi", "multi zero/two", "multi_sn", "multi_sn zero/two"], "rows": pair_rows},
+              {"title": "unconditional leakage per DDPM seed (discs in z ∈ [0.2, 0.8])", "columns":
+               ["DDPM seed", "middle", "within 2 px of a band edge", "deeper"], "rows": leak_rows}]
+    path = rec.write({"summary": summary, "per_ddpm_seed": {str(k): v for k, v in per_ddpm.items()},
+                      "pairs": {k: v for k, v in rows.items() if k != "uncond"}, "lambdas": a.lambdas,
+                      "train_seconds": t_train, "sample_seconds": sample_s},
+                     seeds={"ddpm": ds, "classifier": cs}, n=a.n, tables=tables)
     print(f"\n{len(ds)} DDPM seeds x {len(cs)} classifier seeds: {wall / 60:.1f} min in this command "
           f"(training {t_train / 60:.1f} min, sampling {sample_s / 60:.1f} min of which cached runs "
-          f"count their original time); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; wrote {out}")
-
+          f"count their original time); wrote {path}")
 
 if __name__ == "__main__":
     main()

@@ -197,7 +197,8 @@ def test_interpolate_cli_and_ddim_evaluate_record_settings(tiny_run, tmp_path):
     kw = dict(n=4, batch_size=4, methods=("uncond",), device=torch.device("cpu"), figures=False, log=lambda *_: None)
     m = evaluate.evaluate_run(run, sampler="ddim", eta=0.0, **kw)["uncond"]
     assert (m["sampler"], m["eta"]) == ("ddim", 0.0)
-    assert '"sampler": "ddim"' in str(np.load(os.path.join(run, "eval_uncond.npz"))["settings"])
-    # The DDIM cache is not mistaken for ancestral samples (and vice versa).
+    assert '"sampler": "ddim"' in str(np.load(os.path.join(run, "eval_uncond_ddim_eta0.npz"))["settings"])
+    # The DDIM cache is not mistaken for ancestral samples (and vice versa), and both are kept.
     m = evaluate.evaluate_run(run, **kw)["uncond"]
     assert m["sampler"] == "ancestral" and "sampler" not in str(np.load(os.path.join(run, "eval_uncond.npz"))["settings"])
+    assert os.path.exists(os.path.join(run, "eval_uncond_ddim_eta0.npz"))

@@ -1,0 +1,121 @@
+"""Render RESULTS.md from results/*.json (the only way RESULTS.md is written).
+
+    python results/render.py           # write RESULTS.md at the repository root
+    python results/render.py --check   # exit 1 if RESULTS.md differs from what would be written
+
+One section per experiment, in the order of ORDER (then any other file, alphabetically); its anchor
+is the experiment name, so the docs cite e.g. RESULTS.md#quickstart.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TARGET = os.path.join(ROOT, "RESULTS.md")
+# Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
+ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "antialias", "circles64",
+         "variants", "faces_pipeline", "lab", "train_speed", "speed_ideas"]
+
+HEADER = """# Results
+
+Every number below is read from `results/<experiment>.json`, written by the command shown with
+it; this file is rendered from those files by `python results/render.py` and is never edited by hand
+(`python results/render.py --check` fails when it differs). Each section gives the git commit the
+numbers were measured at (`+dirty` when tracked files had changed), the CPU and the fp32 matmul
+GFLOP/s measured in the same run, before → after: a drop means the machine was shared, and wall
+times are then longer than the machine's own. Standard deviations are population std over the
+seeds or pairs named.
+"""
+
+
+def load(results_dir: str = HERE) -> list[dict]:
+    docs = []
+    for path in glob.glob(os.path.join(results_dir, "*.json")):
+        with open(path) as f:
+            docs.append(json.load(f))
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(docs, key=lambda d: (rank.get(d["experiment"], len(ORDER)), d["experiment"]))
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table(t: dict) -> list[str]:
+    lines = [f"**{t['title']}**", ""] if t.get("title") else []
+    lines.append("| " + " | ".join(_cell(c) for c in t["columns"]) + " |")
+    lines.append("|" + "---|" * len(t["columns"]))
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t["rows"]]
+    return lines + [""]
+
+
+def provenance(d: dict) -> str:
+    commit = (d.get("commit") or "unknown")[:8] + ("+dirty" if d.get("dirty") else "")
+    g = d.get("matmul_gflops") or []
+    peak = " → ".join(str(x) for x in g) if g else "not measured"
+    wall = d.get("wall_seconds")
+    wall = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "–"
+    seeds = d.get("seeds") or []
+    seeds = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in seeds.items()) if isinstance(seeds, dict) \
+        else ", ".join(map(str, seeds)) or "–"
+    return (f"commit `{commit}` · {d.get('date', '?')} · torch {d.get('torch', '?')} · {d.get('device', '?')}"
+            f" ({d.get('cpu', '?')}, {d.get('threads', '?')} threads) · matmul {peak} GFLOP/s · "
+            f"wall {wall} · seeds {seeds} · n {d.get('n', '–')}")
+
+
+def section(d: dict) -> list[str]:
+    lines = [f'<a id="{d["experiment"]}"></a>', f"## {d['title']}", "", f"`{d['command']}`", "",
+             provenance(d), ""]
+    for t in d.get("tables", []):
+        lines += table(t)
+    lines += [f"- {n}" for n in d.get("notes", [])]
+    if d.get("notes"):
+        lines.append("")
+    lines += [f"![{os.path.basename(fig)}](results/{fig})" for fig in d.get("figures", [])]
+    if d.get("figures"):
+        lines.append("")
+    return lines
+
+
+def render(results_dir: str = HERE) -> str:
+    docs = load(results_dir)
+    lines = [HEADER, "| experiment | section |", "|---|---|"]
+    lines += [f"| [{d['experiment']}](#{d['experiment']}) | {d['title']} |" for d in docs]
+    lines.append("")
+    for d in docs:
+        lines += section(d)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md is not what would be written")
+    p.add_argument("--results", default=HERE, help="folder of the JSON files")
+    p.add_argument("--target", default=TARGET, help="the Markdown file to write or check")
+    a = p.parse_args(argv)
+    text = render(a.results)
+    if a.check:
+        try:
+            with open(a.target) as f:
+                current = f.read()
+        except OSError:
+            current = None
+        if current != text:
+            print(f"{a.target} differs from what results/render.py makes of {a.results}/*.json: "
+                  "run python results/render.py", file=sys.stderr)
+            return 1
+        print(f"{a.target} is up to date")
+        return 0
+    with open(a.target, "w") as f:
+        f.write(text)
+    print(f"wrote {a.target} from {len(load(a.results))} result files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
