@@ -1,0 +1,48 @@
+"""results/: the provenance every quoted number carries, and RESULTS.md rendered from it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from results import render  # noqa: E402
+from results.record import Recorder, mean_std  # noqa: E402
+
+
+def test_results_md_is_what_render_writes():
+    """The committed RESULTS.md is exactly the rendering of the committed results/*.json."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "results", "render.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_hand_edit_of_results_md_fails_the_check(tmp_path):
+    target = tmp_path / "RESULTS.md"
+    shutil.copy(os.path.join(ROOT, "RESULTS.md"), target)
+    assert render.main(["--check", "--target", str(target)]) == 0
+    text = target.read_text()
+    target.write_text(text.replace("%", " %", 1) if "%" in text else text + "edited\n")
+    assert render.main(["--check", "--target", str(target)]) == 1
+
+
+def test_recorder_writes_provenance_and_render_shows_it(tmp_path, monkeypatch):
+    rec = Recorder("toy", "A toy experiment", argv=[os.path.join(ROOT, "bench", "x.py"), "--n", "4"])
+    path = rec.write({"acc": 0.5}, seeds=[0, 1], n=4, path=str(tmp_path / "toy.json"),
+                     tables=[{"title": "t", "columns": ["a", "b|c"], "rows": [[1, "x"]]}], notes=["a note"])
+    d = json.load(open(path))
+    for key in ("command", "commit", "dirty", "date", "torch", "device", "cpu", "threads", "matmul_gflops",
+                "seeds", "n", "metrics", "wall_seconds"):
+        assert key in d, key
+    assert d["command"] == "python bench/x.py --n 4"
+    assert len(d["matmul_gflops"]) == 2 and all(g > 0 for g in d["matmul_gflops"])
+    text = render.render(str(tmp_path))
+    assert '<a id="toy"></a>' in text and "## A toy experiment" in text and "`python bench/x.py --n 4`" in text
+    assert "| a | b\\|c |" in text and "| 1 | x |" in text and "- a note" in text
+    assert "seeds 0, 1 · n 4" in text
+
+
+def test_mean_std_is_population_std_in_percent():
+    assert mean_std([0.90, 0.96], pct=True) == "93.0 % ± 3.0"
+    assert mean_std([1.0, 2.0, 3.0], digits=2) == "2.00 ± 0.82"
