@@ -1,10 +1,15 @@
-"""Render RESULTS.md from results/*.json (the only way RESULTS.md is written).
+"""Render RESULTS.md from results/*.json (the only way RESULTS.md is written), and the result
+blocks of README.md and LAB.md.
 
-    python results/render.py           # write RESULTS.md at the repository root
-    python results/render.py --check   # exit 1 if RESULTS.md differs from what would be written
+    python results/render.py           # write RESULTS.md, refresh the blocks in README.md and LAB.md
+    python results/render.py --check   # exit 1 if any of them differs from what would be written
 
-One section per experiment, in the order of ORDER (then any other file, alphabetically); its anchor
-is the experiment name, so the docs cite e.g. RESULTS.md#quickstart.
+RESULTS.md: one section per experiment, in the order of ORDER (then any other file, alphabetically);
+its anchor is the experiment name, so the docs cite e.g. RESULTS.md#quickstart.
+README.md / LAB.md quote numbers only inside blocks that this script fills:
+    <!-- results quickstart table 0 -->  ...  <!-- /results -->     (table 0 of results/quickstart.json)
+    <!-- results quickstart provenance -->  ...  <!-- /results -->  (its command, commit and machine)
+so a quoted number cannot drift from its JSON file.
 """
 from __future__ import annotations
 
@@ -12,11 +17,14 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TARGET = os.path.join(ROOT, "RESULTS.md")
+DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "LAB.md")]
+BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes) -->\n)(.*?)(<!-- /results -->)", re.S)
 # Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
 ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "antialias", "circles64",
          "variants", "faces_pipeline", "lab", "train_speed", "speed_ideas"]
@@ -92,30 +100,67 @@ def render(results_dir: str = HERE) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def fill(text: str, docs: list[dict]) -> str:
+    """``text`` with every result block re-rendered from its experiment's JSON."""
+    by_name = {d["experiment"]: d for d in docs}
+
+    def block(m):
+        name, what = m.group(2), m.group(3)
+        d = by_name.get(name)
+        if d is None:
+            body = [f"*Not measured with the current code yet (no results/{name}.json).*"]
+        elif what == "provenance":
+            body = [f"`{d['command']}` — " + provenance(d) + f" ([details](RESULTS.md#{name}))"]
+        elif what == "notes":
+            body = [f"- {n}" for n in d.get("notes", [])]
+        else:
+            k = int(what.split()[1])
+            tables = d.get("tables", [])
+            body = table(tables[k])[:-1] if k < len(tables) else [f"*results/{name}.json has no table {k}.*"]
+        return m.group(1) + "\n".join(body) + "\n" + m.group(5)
+    return BLOCK.sub(block, text)
+
+
+def outputs(results_dir: str, target: str, docs_paths) -> dict:
+    """{path: text it should hold}: RESULTS.md, and every doc that has result blocks."""
+    docs = load(results_dir)
+    out = {target: render(results_dir)}
+    for path in docs_paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                out[path] = fill(f.read(), docs)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md is not what would be written")
     p.add_argument("--results", default=HERE, help="folder of the JSON files")
     p.add_argument("--target", default=TARGET, help="the Markdown file to write or check")
+    p.add_argument("--docs", default=",".join(DOCS), help="comma-separated docs whose result blocks are filled")
     a = p.parse_args(argv)
-    text = render(a.results)
+    want = outputs(a.results, a.target, [d for d in a.docs.split(",") if d])
     if a.check:
-        try:
-            with open(a.target) as f:
-                current = f.read()
-        except OSError:
-            current = None
-        if current != text:
-            print(f"{a.target} differs from what results/render.py makes of {a.results}/*.json: "
-                  "run python results/render.py", file=sys.stderr)
+        stale = []
+        for path, text in want.items():
+            try:
+                with open(path) as f:
+                    current = f.read()
+            except OSError:
+                current = None
+            if current != text:
+                stale.append(os.path.relpath(path, ROOT))
+        if stale:
+            print(f"{', '.join(stale)} differ{'s' if len(stale) == 1 else ''} from what results/render.py makes of "
+                  f"{os.path.relpath(a.results, ROOT)}/*.json: run python results/render.py", file=sys.stderr)
             return 1
-        print(f"{a.target} is up to date")
+        print("RESULTS.md and the result blocks of the docs are up to date")
         return 0
-    with open(a.target, "w") as f:
-        f.write(text)
-    print(f"wrote {a.target} from {len(load(a.results))} result files")
+    for path, text in want.items():
+        with open(path, "w") as f:
+            f.write(text)
+    print(f"wrote {', '.join(os.path.relpath(p, ROOT) for p in want)} from {len(load(a.results))} result files")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

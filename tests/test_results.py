@@ -46,3 +46,21 @@ def test_recorder_writes_provenance_and_render_shows_it(tmp_path, monkeypatch):
 def test_mean_std_is_population_std_in_percent():
     assert mean_std([0.90, 0.96], pct=True) == "93.0 % ± 3.0"
     assert mean_std([1.0, 2.0, 3.0], digits=2) == "2.00 ± 0.82"
+
+
+def test_doc_blocks_are_filled_from_json_and_a_hand_edit_is_caught(tmp_path):
+    rec = Recorder("toy", "A toy experiment", argv=["bench/x.py"])
+    rec.write({}, seeds=[0], n=1, path=str(tmp_path / "toy.json"),
+              tables=[{"title": "", "columns": ["acc"], "rows": [["93.0 %"]]}])
+    doc = tmp_path / "DOC.md"
+    doc.write_text("intro\n<!-- results toy table 0 -->\nstale\n<!-- /results -->\n"
+                   "<!-- results gone table 0 -->\n<!-- /results -->\nend\n")
+    args = ["--results", str(tmp_path), "--target", str(tmp_path / "R.md"), "--docs", str(doc)]
+    assert render.main(["--check"] + args) == 1
+    assert render.main(args) == 0
+    text = doc.read_text()
+    assert "| acc |\n|---|\n| 93.0 % |\n<!-- /results -->" in text and "stale" not in text
+    assert "no results/gone.json" in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert render.main(["--check"] + args) == 0
+    doc.write_text(text.replace("93.0 %", "95.0 %"))
+    assert render.main(["--check"] + args) == 1
