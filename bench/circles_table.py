@@ -101,8 +101,9 @@ def main():
     pick_device("cpu")
     ds = [int(s) for s in a.ddpm_seeds.split(",")]
     cs = [int(c) for c in a.clf_seeds.split(",")]
-    experiment = {"cpu": "circles_table", "cpu64": "circles64"}.get(a.preset, f"circles_table_{a.preset}") + \
-        ("_antialias" if a.antialias else "")
+    experiment = {"cpu": "circles_table", "cpu64": "circles64"}.get(a.preset, f"circles_table_{a.preset}")
+    if a.antialias:
+        experiment = "antialias" if a.preset == "cpu" else experiment + "_antialias"
     rec = Recorder(experiment, f"§5.5 table over seeds ({a.preset} preset{', anti-aliased classifiers' if a.antialias else ''})")
     t0 = time.time()
     for s in ds:

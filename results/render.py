@@ -9,6 +9,7 @@ its anchor is the experiment name, so the docs cite e.g. RESULTS.md#quickstart.
 README.md / LAB.md quote numbers only inside blocks that this script fills:
     <!-- results quickstart table 0 -->  ...  <!-- /results -->     (table 0 of results/quickstart.json)
     <!-- results quickstart provenance -->  ...  <!-- /results -->  (its command, commit and machine)
+    <!-- results all index -->  ...  <!-- /results -->               (every experiment: command, time, anchor)
 so a quoted number cannot drift from its JSON file.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TARGET = os.path.join(ROOT, "RESULTS.md")
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "LAB.md")]
-BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes) -->\n)(.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes|index) -->\n)(.*?)(<!-- /results -->)", re.S)
 # Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
 ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "antialias", "circles64",
          "variants", "faces_pipeline", "lab", "train_speed", "speed_ideas"]
@@ -60,6 +61,13 @@ def table(t: dict) -> list[str]:
     lines.append("|" + "---|" * len(t["columns"]))
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t["rows"]]
     return lines + [""]
+
+
+def _time(d: dict) -> str:
+    g = d.get("matmul_gflops") or []
+    wall = d.get("wall_seconds")
+    return (f"{wall / 60:.0f} min" if isinstance(wall, (int, float)) else "–") + \
+        (f" ({min(g)}–{max(g)})" if g and min(g) != max(g) else f" ({g[0]})" if g else "")
 
 
 def provenance(d: dict) -> str:
@@ -107,7 +115,11 @@ def fill(text: str, docs: list[dict]) -> str:
     def block(m):
         name, what = m.group(2), m.group(3)
         d = by_name.get(name)
-        if d is None:
+        if what == "index":  # every experiment: what it is, its command, its time, its anchor
+            body = table({"columns": ["experiment", "command", "CPU time (matmul GFLOP/s)", "details"],
+                          "rows": [[x["title"], f"`{x['command']}`", _time(x), f"[{x['experiment']}]"
+                                    f"(RESULTS.md#{x['experiment']})"] for x in docs]})[:-1]
+        elif d is None:
             body = [f"*Not measured with the current code yet (no results/{name}.json).*"]
         elif what == "provenance":
             body = [f"`{d['command']}` — " + provenance(d) + f" ([details](RESULTS.md#{name}))"]
