@@ -62,6 +62,7 @@ def figure(run: str, path: str, delta: float = 0.2) -> None:
     grids = {}
     for k, m in enumerate(("uncond", "multi")):
         im = np.load(os.path.join(run, f"eval_{m}.npz"))["images"][:16]
+        im = np.pad(im, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=96)  # a grey frame per sample
         s = im.shape[1]
         g = im.reshape(4, 4, s, s, -1).transpose(0, 2, 1, 3, 4).reshape(4 * s, 4 * s, -1)
         grids[m] = g
@@ -93,8 +94,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/circles")
     p.add_argument("--seed", type=int, default=0, help="train.py --seed (the README's command uses 0)")
+    p.add_argument("--figure-only", action="store_true",
+                   help="redraw results/figures/quickstart.png from --out's cached samples; train nothing")
     a = p.parse_args()
     os.chdir(ROOT)
+    if a.figure_only:
+        figure(a.out, os.path.join(FIGURES, "quickstart.png"))
+        return
     rec = Recorder("quickstart", "Quick start: §5.5 circles on a 2-core CPU")
     step = train_step_ms()
     seed = ["--seed", str(a.seed)] if a.seed else []
