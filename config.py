@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class UNetConfig:
-    """The denoising network (the group keeps its historical name "unet"; ``arch`` picks it)."""
+    """The denoising network (the group is named "unet" after the paper's backbone; ``arch`` picks it)."""
     arch: str = knob("unet", "denoising backbone: unet (Nichol & Dhariwal, the paper's) | dit (diffusion "
                              "transformer, Peebles & Xie, App. J) (models.build_model)")
     model_channels: int = knob(16, "base width of the UNet")
