@@ -20,8 +20,7 @@ inclusive (``img[20:198]``, full width), then PIL's antialiased bicubic resize
 downscale factor, so it averages over the source pixels instead of aliasing) to ``size``
 (64 for the paper, 32 for the cpu preset). Images stay uint8 HWC RGB until ``batch``.
 
-Decoded cache: JPEG decoding costs ~1-2 ms an image, i.e. minutes per epoch of 162,770 images
-on a laptop, so every image of a split is decoded ONCE into ``<tag>_<split>_<size>px.npy``
+Decoded cache: JPEG decoding costs minutes per epoch of 162,770 images on a laptop, so every image of a split is decoded ONCE into ``<tag>_<split>_<size>px.npy``
 (uint8 [N, S, S, 3], ~2 GB for the train split at 64 px) and memory-mapped afterwards. A JSON
 sidecar records the size, split, file count, preprocessing version and a fingerprint of the
 source; the cache is rebuilt when any of it differs (see ``source_fingerprint``).

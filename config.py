@@ -11,14 +11,16 @@ Presets (paper §5.5, App. C; the authors' circles configuration):
     attention at 8, 3000 steps; learned Sigma trained with L_hybrid, as the authors do (App. A, C;
     diffusion.py).
   * ``cpu`` - the same experiment sized for a 2-core laptop CPU: 32x32 images rendered natively
-    (radius-1 discs, same delta), a small UNet, 6-9.5 minutes of training (DDPM and both classifiers;
-    README quick start: two 2-core machines).
+    (radius-1 discs, same delta), a small UNet, minutes of training for the DDPM and both
+    classifiers (why: RESULTS.md#quickstart).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+
+from checkpoint import UserError
 
 
 def knob(default, help: str):
@@ -32,7 +34,6 @@ class DataConfig:
     image_size: int = knob(32, "image side in pixels; circles: 64 is the authors' grid, 32 the CPU mapping")
     channels: int = knob(1, "image channels: 1 for circles, 3 for RGB datasets")
     delta: float = knob(0.2, "width of each extreme training band in z (§4.1)")
-    # "extremes" is also what a checkpoint written before this option existed gets (from_dict).
     bands: str = knob("extremes", "circles: which disc centres are trained on: extremes (z <= delta or "
                                   ">= 1 - delta, §5.5) | middle (z in [0.35, 0.65], the extrapolation "
                                   "test of §7) | LO:HI (a band centred on the image, e.g. 0.3:0.7); "
@@ -50,28 +51,23 @@ class DataConfig:
 
 @dataclass
 class UNetConfig:
-    """The denoising network (the group keeps its historical name "unet"; ``arch`` picks it)."""
+    """The denoising network (the group is named "unet" after the paper's backbone; ``arch`` picks it)."""
     arch: str = knob("unet", "denoising backbone: unet (Nichol & Dhariwal, the paper's) | dit (diffusion "
                              "transformer, Peebles & Xie, App. J) (models.build_model)")
     model_channels: int = knob(16, "base width of the UNet")
-    # Four levels (32 -> 16 -> 8 -> 4) at 32 px: the 4x4 level costs 2 % more FLOPs and cut the
-    # unconditional leak into the unseen middle at the same step count (README, issue 8).
+    # Four levels (32 -> 16 -> 8 -> 4) at 32 px: the 4x4 level costs 2 % more FLOPs and lowers the
+    # unconditional leak into the unseen middle (why: RESULTS.md#circles_table).
     channel_mult: tuple = knob((1, 2, 4, 4), "width multiplier per resolution (one downsampling between each)")
     num_res_blocks: int = knob(1, "residual blocks per resolution")
     attention_resolutions: tuple = knob((8, 4), "resolutions (in px) with self-attention")
     num_head_channels: int = knob(32, "channels per attention head")
-    # True is also what a checkpoint written before this option existed gets (config.from_dict).
-    upsample_conv: bool = knob(True, "a 3x3 conv after each nearest 2x upsampling of the decoder (the "
-                                     "reference UNet's conv_resample); --no-upsample-conv: 22 % fewer "
-                                     "FLOPs at 32 px, at a cost in quality (README, issue 8)")
     dropout: float = knob(0.0, "dropout in the residual blocks (dit: in the MLPs)")
-    # The DiT's knobs (--arch dit, dit.py); a checkpoint written before they existed is a UNet and
-    # never reads them. The defaults cost about what the cpu UNet does at 32 px (README).
+    # The DiT's knobs (--arch dit, dit.py). The defaults cost about what the cpu UNet does at 32 px
+    # (why: RESULTS.md#variants).
     patch_size: int = knob(2, "dit: patch side in pixels (the image size must be a multiple)")
     dit_width: int = knob(64, "dit: token width (divisible by 4 and by --dit-heads)")
     dit_depth: int = knob(4, "dit: number of transformer blocks")
     dit_heads: int = knob(2, "dit: attention heads per block")
-    # False is also what a checkpoint written before this option existed gets: unconditional.
     class_cond: bool = knob(False, "class-conditional denoiser eps(x_t, t, y) with a learned null label, "
                                    "for classifier-free guidance (App. J; sample with --guidance cfg)")
 
@@ -98,14 +94,13 @@ class ClassifierConfig:
     clf_lr: float = knob(3e-4, "classifier peak learning rate")
     clf_batch_size: int = knob(64, "classifier batch size")
     sn_scale: float = knob(2.0, "Lipschitz bound of each layer of the spectral-norm twin (§5.5)")
-    # False is also what a checkpoint written before this option existed gets (config.from_dict).
     clf_antialias: bool = knob(False, "blur before every stride-2 downsampling of the classifier "
                                "(unet.Downsample): no preference for even columns")
 
 
 @dataclass
 class TrainConfig:
-    # 2000, not 1400: the unconditional leak of seed 0 went 2.1 % -> 1.0 % (README, issue 8).
+    # 2000 steps: fewer leave more unconditional samples in the unseen middle (why: RESULTS.md#circles_table).
     steps: int = knob(2000, "DDPM training steps")
     batch_size: int = knob(32, "DDPM batch size")
     lr: float = knob(2e-3, "DDPM peak learning rate (linear warm-up, cosine decay to 10%)")
@@ -122,7 +117,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """Sampling choices of sample.py and evaluate.py (not part of a run's stored config: the model
-    comes from the checkpoint). Both CLIs generate their shared flags from these fields."""
+    comes from the checkpoint). Both CLIs generate their shared flags from these fields, and so do
+    the lab's (lab/)."""
     run: str = knob("runs/circles", "run directory holding ddpm.pt (and the classifiers)")
     n: int = knob(64, "number of samples (evaluate.py: per method)")
     batch_size: int = knob(128, "samples drawn at once (128: fastest per image on a 2-core CPU, "
@@ -137,18 +133,12 @@ class SampleConfig:
     cfg_form: str = knob("affine", "--guidance cfg weights: affine (-lambda, 1 + lambda: they sum to 1) | "
                                    "printed (-lambda, 1 - lambda: Eq. 12 as printed); see classifier_free.py")
     target: int = knob(-1, "class of single guidance; -1 = alternate classes over the batch")
-    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin) | exact (p*(y|x_t) "
-                                         "of the training set, exact_score.py; evaluate.py: adds its rows)")
-    sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (Song et al. 2021, Eq. 12) on the same respaced steps")
+    classifier: str = knob("classifier", "classifier | classifier_sn (the spectral-norm twin)")
+    sampler: str = knob("ancestral", "ancestral (DDPM) | ddim (DDIM Eq. 12, Song et al. 2021) on the same "
+                                     "respaced steps")
     eta: float = knob(0.0, "DDIM noise scale in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
     guidance_at: str = knob("xt", "where guidance takes grad log p(y|x): xt (the authors' code) | mu "
                                   "(§2.2 as written: at the posterior mean mu_theta(x_t, t); ancestral only)")
-    score: str = knob("learned", "learned (the run's DDPM) | exact (the training set's closed-form eps*, "
-                                 "exact_score.py: memorises; evaluate.py: adds exact-score rows)")
-    smc_particles: int = knob(0, "particles per system of the twisted SMC sampler (smc.py): --n samples = "
-                                 "n / N systems of N resampled particles, all returned; 0 = plain "
-                                 "guidance (1 is the same draws); ancestral sampler, guided only")
-    smc_ess: float = knob(0.5, "SMC: a system resamples (systematic) when its ESS < smc_ess * particles")
 
 
 GROUPS = {"data": DataConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
@@ -174,8 +164,8 @@ PRESETS = {
 # below 64 px has the cpu preset's width; v-prediction, T = 1000, 64 respaced steps as on cpu.
 # What still differs from ``paper``: 16-channel networks instead of 128/64, 1400 DDPM steps of 32
 # instead of 30k of 64, T = 1000 instead of 4000, fixed instead of learned variance, v instead of
-# eps prediction, fp32 on CPU instead of fp16 on GPU. Attention at 8 only and 1400 steps: what its
-# README table was measured with (the 32-px preset later moved to attention at 8, 4 and 2000 steps).
+# eps prediction, fp32 on CPU instead of fp16 on GPU. Attention at 8 only and 1400 steps, unlike the
+# 32-px preset's 8, 4 and 2000: the settings of the 64-px table (why: RESULTS.md#circles64).
 PRESETS[("circles", "cpu64")] = {
     "data": dict(image_size=64),
     "unet": dict(channel_mult=(1, 2, 2, 4), attention_resolutions=(8,)),
@@ -229,11 +219,19 @@ def to_dict(cfg: dict) -> dict:
 
 
 def from_dict(d: dict) -> dict:
-    """Rebuild the dataclasses from a checkpoint's plain dict (tuples come back as tuples)."""
+    """Rebuild the dataclasses from a checkpoint's plain dict (tuples come back as tuples).
+
+    Every field must be stored: a missing one is not filled with today's default (a run trained
+    without it may not have behaved like the default), it is a one-line error."""
     out = {}
     for g, cls in GROUPS.items():
-        vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get(g, {}).items()
-                if k in _names(cls)}
+        stored = d.get(g, {})
+        missing = [f.name for f in fields(cls) if f.name not in stored]
+        if missing:
+            raise UserError(f"the checkpoint's config has no {g}.{missing[0]}"
+                            f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: it was "
+                            f"written by other code than this; retrain the run with this code")
+        vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in _names(cls)}
         out[g] = cls(**vals)
     return out
 

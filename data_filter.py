@@ -83,8 +83,8 @@ class SelectConfig:
 
 
 # cpu: the 20k-face stand-in at 32 px in a few minutes on 2 cores (7 trainings + inference).
-# Its k's keep ~19 % of each class: with k = 6000 (37 %) the stand-in's class 0 reached true
-# z_smile = 0.367, i.e. mild faces; k = 3000 kept z <= 0.264 and >= 0.756 (measured).
+# Its k's keep ~19 % of each class, so that only extreme faces are kept: a larger k reaches into
+# the mild faces the experiment must not train on (why: RESULTS.md#faces_pipeline).
 # paper: 64 px, the guidance classifier's widths (config.py), lr 3e-4 (App. C), §5.2's k's.
 PRESETS = {
     "cpu": {},

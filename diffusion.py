@@ -12,10 +12,10 @@ One implementation shared by every experiment:
     and samples come out with grey or white backgrounds. The authors' 30k GPU steps wash this out;
     the CPU preset's few minutes do not, and v-prediction fixes it at no cost;
   * ancestral sampling, optionally on a respaced grid of K <= T steps;
-  * DDIM sampling (Song et al. 2021, Eq. 12) on the same grid, with eta in [0, 1] (eta = 1 has the
+  * DDIM sampling (DDIM Eq. 12, Song et al. 2021) on the same grid, with eta in [0, 1] (eta = 1 has the
     posterior variance beta~_t, eta = 0 is the deterministic probability-flow path), and the
     deterministic DDIM inversion x_0 -> x_t that App. M of the paper interpolates between, and a
-    per-step eta for App. N's editing (eta decaying linearly, see edit.py);
+    per-step eta for App. N's editing (eta decaying linearly, see lab/edit.py);
   * where classifier guidance (§2.2) is evaluated: at x_t (default) or at the posterior mean
     mu_theta(x_t, t) (``guidance_point``).
 
@@ -359,14 +359,14 @@ class GaussianDiffusion:
         return eps, x0
 
     def ddim_sigma(self, t, eta: float, shape) -> torch.Tensor:
-        """sigma_t(eta) of Eq. (16) of Song et al.: eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1}).
+        """sigma_t(eta) of DDIM Eq. 16 [Song et al. 2021]: eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1}).
         The product under the roots is exactly beta~_t (Eq. 6), read from its float64-built table:
         1 - abar_t/abar_{t-1} in float32 would lose most digits near t = 0. eta = 1 is the DDPM
         posterior std, eta = 0 the deterministic DDIM."""
         return eta * self._at("posterior_variance", t, shape).sqrt()
 
     def ddim_sample(self, model, xt, t, eta=0.0, clip_denoised=True, guidance=None, generator=None):
-        """One DDIM step x_t -> x_{t-1} on this (respaced) grid, Eq. (12) of Song et al. (2021):
+        """One DDIM step x_t -> x_{t-1} on this (respaced) grid, DDIM Eq. 12 [Song et al. 2021]:
         x_{t-1} = sqrt(abar_{t-1}) x^_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps^ + sigma_t z."""
         eps, x0 = self.ddim_eps_x0(model, xt, t, clip_denoised, guidance)
         ab_prev = self._at("alphas_cumprod_prev", t, xt.shape)
@@ -382,7 +382,7 @@ class GaussianDiffusion:
         """Deterministic DDIM inversion: clean images x0 -> latents at (respaced) index ``to_step``,
         which ``denoise(model, z, to_step, sampler="ddim", eta=0)`` decodes back.
 
-        Decoding step s -> s-1 is Eq. (12) with eta = 0, x_{s-1} = sqrt(abar_{s-1}) x^_0 +
+        Decoding step s -> s-1 is DDIM Eq. 12 with eta = 0, x_{s-1} = sqrt(abar_{s-1}) x^_0 +
         sqrt(1 - abar_{s-1}) eps^, with (eps^, x^_0) taken at x_s: the clean image is index -1
         (abar = 1). Run forwards, x_s is unknown, so (eps^, x^_0) are first taken at x_{s-1}
         (Song et al. §4.3: the ODE discretised the other way; the first step then keeps the clean
@@ -402,7 +402,7 @@ class GaussianDiffusion:
             nxt = self._ddim_up(x0_hat, eps, t)
             for _ in range(refine):
                 eps, _ = self.ddim_eps_x0(model, nxt, t, clip_denoised)
-                # The decoding step from nxt must land on x: solve Eq. (12) for x^_0 given eps^.
+                # The decoding step from nxt must land on x: solve DDIM Eq. 12 for x^_0 given eps^.
                 ab_prev = self._at("alphas_cumprod_prev", t, x.shape)
                 nxt = self._ddim_up((x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt(), eps, t)
             x = nxt

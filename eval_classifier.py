@@ -18,19 +18,11 @@ fitted there under-corrects (T -> 1, or even < 1 for a network that memorised th
 calibrated p would still be over-confident on unseen images. (The authors' smile script fits T
 on train; we do not copy that.)
 
-How long to train it, measured on the 20k-face stand-in (Smiling, 32 px, width 16, seed 100):
-
-    steps  T      valid ECE        test ECE         rank corr(logit, true z)  k=3000 keeps true z
-    800    1.028  0.0133 -> 0.0155 0.0121 -> 0.0110 0.977                     <= 0.264, >= 0.756
-    1600   1.139  0.0141 -> 0.0093 0.0107 -> 0.0113 0.968                     <= 0.326, >= 0.664
-    3000   1.328  0.0189 -> 0.0125 0.0171 -> 0.0118 0.962                     <= 0.334, >= 0.678
-
-Longer training makes the network over-confident (T grows and scaling lowers the ECE), but its
-logits also saturate at the extremes, so it ranks the most extreme faces worse and stage (c) of
-the filter lets mild faces in. The default, 800 steps, is the best ranker and is already
-calibrated (T = 1.03, like the paper's 1.05 for Smiling; its ECE change is within the noise of
-1,961 faces). The stand-in's hair classifier needs more (T = 1.19, valid ECE 0.016 -> 0.013; the
-paper's hair classifiers needed 1.245, §5.4).
+How long to train it: 800 steps by default. Longer training makes the network over-confident (T
+grows, and scaling then lowers the ECE), but its logits also saturate at the extremes, so it ranks
+the most extreme faces worse and stage (c) of the filter lets mild faces in; at 800 steps the
+stand-in's classifier ranks best and is already calibrated, with T close to the paper's 1.05 for
+Smiling (why: RESULTS.md#faces_pipeline).
 
 Checkpoint ``<filter_dir>/eval_<Attribute>.pt`` (``eval_path``): one dict {kind="eval_classifier",
 model, arch, image_size, channels, num_classes, attribute, temperature, metrics, data_dir}.
@@ -115,7 +107,7 @@ def train_clean_classifier(data, steps: int, batch_size: int, lr: float, seed: i
 @torch.inference_mode()
 def logits_of(model, images_uint8, device, batch: int = 256, rows=None) -> np.ndarray:
     """float64 [N, C] logits at t = 0 of uint8 NHWC images (all, or the positions ``rows``).
-    batch 256: measured 1.6x faster than 512 at 32 px on a 2-core CPU (cache-sized activations)."""
+    batch 256: at 32 px its activations stay cache-sized on a CPU, which 512 does not."""
     device = torch.device(device)
     rows = np.arange(len(images_uint8)) if rows is None else np.asarray(rows, dtype=np.int64)
     out = []

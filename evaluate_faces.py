@@ -12,7 +12,7 @@ the run) at ``<dir of the run's index list>/eval_<Attr>.pt``, then ``<run>/eval_
 Rows: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = 30 for every class, §5.1),
 ``multi_sn`` when named, and ``train``: the run's training images (its index list) as the
 reference. Per row and attribute, on the p of every image:
-  hist_mse / hist_kld  the 100-bin histogram on [0, 1] vs uniform (evaluate.hist_mse / hist_kld;
+  hist_mse / hist_kld  the 100-bin histogram on [0, 1] vs uniform (histograms.py;
                        paper §5.1: multi 0.13 / 0.61, train 0.56 / 3.17, uncond 0.64 / 3.5 at
                        10k samples, 64 px);
   frac_03_07, frac_04_06  fraction with p in [0.3, 0.7], [0.4, 0.6];
@@ -46,7 +46,7 @@ from config import SampleConfig
 from attributes import attribute_slug
 from celeba import CelebAData
 from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
-from evaluate import hist_kld, hist_mse, histogram
+from histograms import hist_kld, hist_mse, histogram
 from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
 

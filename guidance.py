@@ -44,7 +44,7 @@ def multi_guidance(classifiers: Sequence[torch.nn.Module], lambdas) -> Callable:
     ``lambdas``: one entry per classifier, each of shape [M] (same for every sample) or [B, M]
     (per-sample weights, e.g. single-class guidance towards a different class per sample).
     ``g.value_and_grad(x, t)`` returns (the weighted log-probability per sample [B], g) from the
-    same forward/backward pass: the log twist that smc.py weights particles with.
+    same forward/backward pass: the log twist that lab/smc.py weights particles with.
     """
     lambdas = [torch.as_tensor(l, dtype=torch.float32) for l in lambdas]
     if len(lambdas) != len(classifiers):

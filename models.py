@@ -23,7 +23,7 @@ ARCHS = ("unet", "dit")
 # The config fields only one backbone reads (dropout is shared): a typed flag of the other
 # backbone would be silently ignored, so train.py refuses it (check_arch_flags).
 ARCH_KNOBS = {"unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                       "num_head_channels", "upsample_conv"),
+                       "num_head_channels"),
               "dit": ("patch_size", "dit_width", "dit_depth", "dit_heads")}
 
 
@@ -34,8 +34,7 @@ def output_channels(cfg) -> int:
 
 
 def label_classes(cfg) -> int:
-    """Classes the denoiser is conditioned on: 0 (unconditional, also every run saved before
-    class_cond existed) or the run's label count."""
+    """Classes the denoiser is conditioned on: 0 (unconditional) or the run's label count."""
     return num_classes_of(cfg["data"]) if cfg["unet"].class_cond else 0
 
 

@@ -6,43 +6,39 @@
     python sample.py --run runs/circles --guidance single --scale 30 --target 1
     python sample.py --run runs/circles --sampler ddim --eta 0           # DDIM (Song et al. 2021)
     python sample.py --run runs/circles --guidance multi --guidance-at mu  # grad at mu_theta (§2.2)
-    python sample.py --run runs/circles --score exact --guidance multi --classifier exact  # exact eps*, p*
-    python sample.py --run runs/circles --guidance multi --smc-particles 8  # twisted SMC (smc.py)
     python sample.py --run runs/cfg --guidance cfg --scale 3     # classifier-free (App. J, Eq. 12)
 
 The model config is read from the run's checkpoint (EMA weights); only sampling choices are flags,
 declared once in config.SampleConfig (evaluate.py shares them). --steps 0 means the run's
 sample_steps; --target -1 alternates the classes over the batch. --lambdas, --scale, --target and
 --classifier only apply to guided sampling: with --guidance none they are an error, not ignored.
---score exact samples with the training set's exact eps* instead of the DDPM and --classifier exact
-guides with the exact p*(y | x_t) (exact_score.py; circles runs). --eta only applies to --sampler
-ddim; with DDIM, guidance shifts eps^ instead of the mean (see diffusion.GaussianDiffusion.ddim_eps_x0).
---guidance-at mu evaluates the classifier gradient at the posterior mean instead of x_t
-(diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
---smc-particles N draws the guided samples with twisted SMC (smc.py): --n samples = n / N systems of
-N particles, reweighted towards Eq. 2's product distribution and resampled (--smc-ess), all returned;
-guided ancestral sampling at x_t only.
+--eta only applies to --sampler ddim; with DDIM, guidance shifts eps^ instead of the mean (see
+diffusion.GaussianDiffusion.ddim_eps_x0). --guidance-at mu evaluates the classifier gradient at the
+posterior mean instead of x_t (diffusion.GaussianDiffusion.guidance_point); ancestral sampling only.
 --guidance cfg (a DDPM trained with --class-cond) needs no classifier: --lambdas / --scale give
 lambda, --cfg-form the weights (classifier_free.py).
 
 Writes ``<out>/samples_<tag>.npz`` (uint8 images [N, H, W, C] + the settings) and a PNG grid;
 --out defaults to the run directory, --tag to the guidance mode. Existing samples are never
 replaced unless --overwrite is given.
+
+Other samplers reuse the pieces: ``setup`` loads and checks the networks (``models`` and
+``classifier`` also take ready modules, e.g. a score or a classifier computed in closed form), and
+``output_paths`` / ``save_samples`` write what main writes (the lab's CLIs, lab/).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
 import config as C
-# to_uint8 is the file boundary of checkpoint.py; kept importable as `from sample import to_uint8`.
 from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pick_device, to_uint8
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
@@ -54,10 +50,9 @@ from models import build_model
 def inference_layout(model: torch.nn.Module, device) -> torch.nn.Module:
     """``model`` on ``device`` for sampling: eval mode, no parameter gradients and, on a CPU, its
     conv weights in channels_last (NHWC) layout. oneDNN's CPU convolutions run in NHWC; with NCHW
-    weights every conv converts its input and output. Measured by bench/sample_speed.py on the
-    circles UNet at batch 128 (2 cores): 209 -> 156 ms per unguided step, 285 -> 236 ms
-    multi-guided. The outputs are the same up to float rounding (tests/test_diffusion.py). The
-    input can stay NCHW: a conv with channels_last weights returns channels_last activations."""
+    weights every conv converts its input and output (why: RESULTS.md#speed_ideas). The outputs
+    are the same up to float rounding (tests/test_diffusion.py). The input can stay NCHW: a conv
+    with channels_last weights returns channels_last activations."""
     model = model.to(torch.device(device)).eval().requires_grad_(False)
     if torch.device(device).type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -73,13 +68,9 @@ def load_ddpm(run: str, device, use_ema: bool = True):
 
 
 def load_classifier(run: str, name: str, device, expect_cfg=None):
-    """A trained noise-aware classifier; checks it matches the DDPM's images (size, channels).
-    ``exact``: the training set's exact p*(y | x_t) (exact_score.py), nothing trained."""
-    if name == "exact":
-        import exact_score
-        return exact_score.classifier(expect_cfg or C.from_dict(load_checkpoint(run, "ddpm")["config"]), device)
+    """A trained noise-aware classifier; checks it matches the DDPM's images (size, channels)."""
     if name not in ("classifier", "classifier_sn"):
-        raise UserError(f"unknown classifier {name!r}; use classifier, classifier_sn or exact")
+        raise UserError(f"unknown classifier {name!r}; use classifier or classifier_sn")
     ck = load_checkpoint(run, name)
     cfg = C.from_dict(ck["config"])
     if expect_cfg is not None:
@@ -103,8 +94,8 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
 
 
 def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
-    """The sampler name, DDIM's eta (Eq. 16 of Song et al. is defined for 0 <= eta <= 1) and where
-    guidance is evaluated (mu needs the ancestral posterior mean)."""
+    """The sampler name, DDIM's eta (DDIM Eq. 16 [Song et al. 2021] is defined for 0 <= eta <= 1)
+    and where guidance is evaluated (mu needs the ancestral posterior mean)."""
     if guidance_at not in ("xt", "mu"):
         raise UserError(f"unknown --guidance-at {guidance_at!r}; use xt (at x_t) or mu (at the posterior mean)")
     if guidance_at == "mu" and sampler != "ancestral":
@@ -118,37 +109,27 @@ def check_sampler(sampler: str, eta: float, guidance_at: str = "xt") -> None:
         raise UserError("--eta only applies to DDIM; add --sampler ddim, or drop --eta")
 
 
-def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
-            lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
-            classifier: str = "classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
-            guidance_at: str = "xt", score: str = "learned", smc_particles: int = 0, smc_ess: float = 0.5,
-            cfg_form: str = "affine"):
+def setup(run: str, device=None, steps: int | None = None, guidance: str = "none",
+          lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
+          classifier="classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
+          guidance_at: str = "xt", cfg_form: str = "affine") -> SimpleNamespace:
     """Load the networks and check every sampling choice (one-line errors) before any sampling.
 
-    Returns ``draw(n, batch_size, seed=0, progress=False)`` -> n samples in [-1, 1], NCHW
-    float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading the DDPM. ``score="exact"``
-    replaces the DDPM by the training set's exact eps* (exact_score.py; the run gives its config).
-    ``smc_particles`` > 0 draws them with smc.py instead (see smc_draw); ``draw.smc_info`` then holds
-    the last call's resampling summary (smc.merge_info). ``guidance="cfg"`` samples the class-
-    conditional DDPM with classifier-free multi-guidance (classifier_free.py, ``cfg_form``)."""
+    ``models`` = (network, cfg) samples ``network`` instead of loading the run's DDPM: the DDPM
+    already loaded, or any module with its (x_t, original t) interface and output
+    parameterisation. ``classifier``: a classifier checkpoint of the run (classifier,
+    classifier_sn) or a module with the NoisyClassifier interface (num_classes, (x_t, t) ->
+    logits). ``guidance="cfg"`` samples the class-conditional DDPM with classifier-free
+    multi-guidance (classifier_free.py, ``cfg_form``).
+
+    Returns the pieces a sampler needs: diffusion (respaced to ``steps``), model, cfg, dcfg, clf
+    (None without classifier guidance), guide (the multi-guidance function, or None), guidance,
+    scale, target, shape (C, H, W), device, sampler, eta, guidance_at."""
     if guidance not in GUIDANCE:
         raise UserError(f"unknown --guidance {guidance!r}; use {', '.join(GUIDANCE)}")
     check_sampler(sampler, eta, guidance_at)
-    import exact_score
-    exact_score.check_score(score)
-    if guidance == "cfg" and score != "learned":
-        raise UserError("--guidance cfg combines the DDPM's class-conditional predictions; the exact score "
-                        "(--score exact) takes no labels: drop one of them")
-    if guidance == "cfg" and smc_particles:
-        raise UserError("--smc-particles weights particles by the guidance classifiers and --guidance cfg "
-                        "uses none; drop one of them")
-    if smc_particles:
-        from smc import check_smc
-        check_smc(smc_particles, smc_ess, guidance, sampler, guidance_at)
     device = device or pick_device()
     model, cfg = models or load_ddpm(run, device)
-    if score == "exact":
-        model = exact_score.score_model(cfg, device)
     dcfg = cfg["diffusion"]
     steps = steps or dcfg.sample_steps
     if not 2 <= steps <= dcfg.timesteps:
@@ -156,7 +137,9 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
     diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=steps).to(device)
     if guidance == "cfg":  # the classifier-free wrapper is the "network" the sampler calls
         model = guided_model(model, cfg, lambdas, scale, cfg_form, device, run)
-    clf = load_classifier(run, classifier, device, cfg) if guidance in ("single", "multi") else None
+    clf = None
+    if guidance in ("single", "multi"):
+        clf = load_classifier(run, classifier, device, cfg) if isinstance(classifier, str) else classifier
     g = None
     if guidance == "multi":
         lam = parse_lambdas(lambdas, clf.num_classes) if lambdas else torch.full((clf.num_classes,), scale)
@@ -164,63 +147,46 @@ def prepare(run: str, device=None, steps: int | None = None, guidance: str = "no
     if guidance == "single" and target is not None and not 0 <= target < clf.num_classes:
         raise UserError(f"--target {target} is not a class of the classifier (0..{clf.num_classes - 1})")
     shape = (cfg["data"].channels, cfg["data"].image_size, cfg["data"].image_size)
+    return SimpleNamespace(diffusion=diffusion, model=model, cfg=cfg, dcfg=dcfg, clf=clf, guide=g,
+                           guidance=guidance, scale=scale, target=target, shape=shape, device=device,
+                           sampler=sampler, eta=eta, guidance_at=guidance_at)
+
+
+def prepare(run: str, device=None, steps: int | None = None, guidance: str = "none",
+            lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
+            classifier="classifier", models=None, sampler: str = "ancestral", eta: float = 0.0,
+            guidance_at: str = "xt", cfg_form: str = "affine"):
+    """``setup`` (its arguments), then ``draw(n, batch_size, seed=0, progress=False)`` -> n samples
+    in [-1, 1], NCHW float32 on the CPU."""
+    p = setup(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
+              guidance_at, cfg_form)
 
     def draw(n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, progress: bool = False) -> torch.Tensor:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        if smc_particles:
-            return smc_draw(draw, n, batch_size, gen, torch.Generator().manual_seed(seed), progress)
-        out, guide = [], g
+        gen = torch.Generator(device=p.device).manual_seed(seed)
+        out, guide = [], p.guide
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             if guidance == "single":
                 # Default target: alternate classes so a grid shows both.
                 y = (torch.full((b,), target) if target is not None
-                     else torch.arange(start, start + b) % clf.num_classes)
-                guide = single_guidance(clf, y.to(device), scale)
-            out.append(diffusion.sample(model, (b, *shape), dcfg.clip_denoised, guide, gen, device,
-                                        progress=progress, sampler=sampler, eta=eta,
-                                        guidance_at=guidance_at).cpu())
+                     else torch.arange(start, start + b) % p.clf.num_classes)
+                guide = single_guidance(p.clf, y.to(p.device), scale)
+            out.append(p.diffusion.sample(p.model, (b, *p.shape), p.dcfg.clip_denoised, guide, gen, p.device,
+                                          progress=progress, sampler=sampler, eta=eta,
+                                          guidance_at=guidance_at).cpu())
         return torch.cat(out)
 
-    def smc_draw(draw, n, batch_size, gen, resample_gen, progress):
-        """n samples = ceil(n / N) systems of N particles (the last one holds the remainder), all
-        particles returned; as many whole systems per batch as ``batch_size`` holds (at least one).
-        Single guidance: one target per system (alternating over systems when --target is -1)."""
-        from smc import merge_info, smc_sample
-        N = smc_particles
-        sizes = [N] * (n // N) + ([n % N] if n % N else [])
-        per_batch = max(1, batch_size // N)
-        out, infos, done = [], [], 0
-        while done < len(sizes):
-            p = sizes[done]
-            s = min(per_batch, sum(1 for k in sizes[done:] if k == p))   # systems of equal size
-            if guidance == "single":
-                y = (torch.full((s,), target) if target is not None
-                     else torch.arange(done, done + s) % clf.num_classes).repeat_interleave(p)
-                twist = single_guidance(clf, y.to(device), scale).value_and_grad
-            else:
-                twist = g.value_and_grad
-            x, info = smc_sample(diffusion, model, twist, s, p, shape, dcfg.clip_denoised, gen, resample_gen,
-                                 device, smc_ess, progress)
-            out.append(x.cpu())
-            infos.append(info)
-            done += s
-        draw.smc_info = merge_info(infos)
-        return torch.cat(out)
-
-    draw.smc_info = {}
     return draw
 
 
 def generate(run: str, n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, device=None,
              steps: int | None = None, guidance: str = "none", lambdas: str | None = None,
-             scale: float = 30.0, target: int | None = None, classifier: str = "classifier",
+             scale: float = 30.0, target: int | None = None, classifier="classifier",
              progress: bool = False, models=None, sampler: str = "ancestral", eta: float = 0.0,
-             guidance_at: str = "xt", score: str = "learned", smc_particles: int = 0,
-             smc_ess: float = 0.5, cfg_form: str = "affine") -> torch.Tensor:
-    """n samples in [-1, 1], NCHW float32 on the CPU. ``models`` = (ddpm, cfg) skips reloading."""
+             guidance_at: str = "xt", cfg_form: str = "affine") -> torch.Tensor:
+    """n samples in [-1, 1], NCHW float32 on the CPU (``setup`` explains the arguments)."""
     return prepare(run, device, steps, guidance, lambdas, scale, target, classifier, models, sampler, eta,
-                   guidance_at, score, smc_particles, smc_ess, cfg_form)(n, batch_size, seed, progress)
+                   guidance_at, cfg_form)(n, batch_size, seed, progress)
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, marks: bool = False,
@@ -289,14 +255,54 @@ def check_guidance_flags(guidance: str, typed) -> None:
             raise UserError("give --lambdas (one per class) or --scale (the same for every class), not both")
 
 
+def default_tag(s: C.SampleConfig) -> str:
+    """The output name suffix of ``s``'s samples: the guidance mode (and classifier or CFG form)."""
+    return {"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
+
+
+def output_paths(out: str, tag: str, overwrite: bool = False) -> tuple[str, str]:
+    """(``<out>/samples_<tag>.npz``, ``.png``), refused if they exist and ``overwrite`` is not set
+    (earlier samples are results: never replace them silently); ``out`` is created."""
+    npz, png = (os.path.join(out, f"samples_{tag}.{ext}") for ext in ("npz", "png"))
+    existing = [f for f in (npz, png) if os.path.exists(f)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --tag NAME to write beside it "
+                        f"or --overwrite to replace it")
+    ensure_writable_dir(out)
+    return npz, png
+
+
+def sample_settings(s: C.SampleConfig) -> dict:
+    """The settings stored beside the images; those the guidance mode does not use are empty."""
+    guided, clf_guided = s.guidance != "none", s.guidance in ("single", "multi")
+    return dict(guidance=s.guidance, seed=s.seed, lambdas=(s.lambdas or "") if guided else "",
+                scale=s.scale if guided else 0.0, classifier=s.classifier if clf_guided else "",
+                sampler=s.sampler, eta=s.eta, guidance_at=s.guidance_at if clf_guided else "",
+                cfg_form=s.cfg_form if s.guidance == "cfg" else "")
+
+
+def save_samples(npz: str, png: str, x: torch.Tensor, data_cfg, **settings) -> None:
+    """The uint8 images and ``settings`` in ``npz``; a grid of the first 64 in ``png`` (circles:
+    the edges of the training region marked)."""
+    np.savez_compressed(npz, images=to_uint8(x), **settings)
+    circles = data_cfg.dataset == "circles"
+    from toy_circles import training_edges
+    save_grid(x[:64], png, marks=circles, delta=data_cfg.delta,
+              edges=training_edges(data_cfg.bands, data_cfg.delta) if circles else None)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sample_args(p)
+    add_output_args(p)
+    return p
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, help="output directory (default: the run directory)")
     out.add_argument("--tag", default=None, help="output name suffix (default: the guidance mode)")
     out.add_argument("--overwrite", action="store_true", help="replace samples_<tag>.npz/.png if they exist")
-    return p
 
 
 def main(argv=None):
@@ -304,50 +310,18 @@ def main(argv=None):
     s, typed = sample_config(a)
     check_guidance_flags(s.guidance, typed)  # before anything slow
     check_sampler(s.sampler, s.eta, s.guidance_at)
-    if "smc_particles" in typed:
-        from smc import check_smc
-        check_smc(s.smc_particles, s.smc_ess, s.guidance, s.sampler, s.guidance_at)
-    elif "smc_ess" in typed:
-        raise UserError("--smc-ess only applies to the SMC sampler; add --smc-particles N, or drop --smc-ess")
     if s.n < 1 or s.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     device = pick_device(s.device)
     models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
     draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
                    None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
-                   s.guidance_at, s.score, s.smc_particles, s.smc_ess, s.cfg_form)
-    out = a.out or s.run
-    tag = a.tag or ({"none": "none", "cfg": f"cfg_{s.cfg_form}"}.get(s.guidance, f"{s.guidance}_{s.classifier}")
-                    + ("" if s.score == "learned" else f"_{s.score}-score"))
-    if s.smc_particles and not a.tag:
-        tag += f"_smc{s.smc_particles}"
-    npz = os.path.join(out, f"samples_{tag}.npz")
-    png = os.path.join(out, f"samples_{tag}.png")
-    existing = [f for f in (npz, png) if os.path.exists(f)]
-    if existing and not a.overwrite:  # earlier samples are results: never replace them silently
-        raise UserError(f"{existing[0]} already exists; pass --tag NAME to write beside it "
-                        f"or --overwrite to replace it")
-    ensure_writable_dir(out)
+                   s.guidance_at, s.cfg_form)
+    npz, png = output_paths(a.out or s.run, a.tag or default_tag(s), a.overwrite)
     t0 = time.time()
     x = draw(s.n, s.batch_size, s.seed, progress=True)
     dt = time.time() - t0
-    guided, clf_guided = s.guidance != "none", s.guidance in ("single", "multi")
-    np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
-                        lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
-                        classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
-                        guidance_at=s.guidance_at if clf_guided else "", score=s.score,
-                        smc_particles=s.smc_particles, smc_ess=s.smc_ess if s.smc_particles else 0.0,
-                        smc_info=json.dumps(draw.smc_info), cfg_form=s.cfg_form if s.guidance == "cfg" else "")
-    data_cfg = models[1]["data"]
-    circles = data_cfg.dataset == "circles"
-    from toy_circles import training_edges
-    save_grid(x[:64], png, marks=circles, delta=data_cfg.delta,
-              edges=training_edges(data_cfg.bands, data_cfg.delta) if circles else None)
-    if s.smc_particles:
-        i = draw.smc_info
-        print(f"SMC: {i['systems']} systems x {s.smc_particles} particles; resampled {i['resampled']} of "
-              f"{i['system_steps']} system-steps (ESS < {s.smc_ess:g} N), lowest mean ESS {i['min_ess']:.2f} N, "
-              f"final ESS {i['final_ess']:.2f} N, {i['survivors']:.1f} distinct initial particles per system")
+    save_samples(npz, png, x, models[1]["data"], **sample_settings(s))
     print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
 
 

@@ -164,7 +164,7 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
         model = build_model(cfg).to(device)
         if args.model == "all":  # the classifiers come next on the same images: fail now, not after
             with torch.random.fork_rng(devices=[]):  # a check only: the DDPM's randomness is unchanged
-                NoisyClassifier.from_config(cfg["data"], cfg["classifier"], num_classes_of(cfg["data"]))
+                NoisyClassifier.from_config(cfg["data"], cfg["classifier"], C.num_classes_of(cfg["data"]))
     data = load_data(cfg["data"], dist)
     bs = per_rank(tc.batch_size, dist)
     if dist.main:
@@ -210,7 +210,7 @@ def train_classifier(args, device, dist: Dist, spectral: bool, pending=()) -> st
     bs = per_rank(cc.clf_batch_size, dist)
     with config_errors():
         diffusion = GaussianDiffusion.from_config(cfg["diffusion"])  # q_sample on the CPU batch
-        model = NoisyClassifier.from_config(cfg["data"], cc, num_classes_of(cfg["data"]),
+        model = NoisyClassifier.from_config(cfg["data"], cc, C.num_classes_of(cfg["data"]),
                                             spectral=spectral).to(device)
 
     def batch_loss(net):
@@ -220,8 +220,8 @@ def train_classifier(args, device, dist: Dist, spectral: bool, pending=()) -> st
         xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
         return F.cross_entropy(net(xt.to(device), t.to(device)), y.to(device))
 
-    # Same warm-up + cosine decay as the DDPM: with a constant rate, which snapshot training
-    # stopped at decided whether 1 % or 20 % of guided samples faded (README).
+    # Same warm-up + cosine decay as the DDPM: with a constant rate the guided samples depend on
+    # which snapshot training happened to stop at.
     job = Job(name, "classifier", model, batch_loss, cc.clf_batch_size, cc.clf_lr, cc.clf_steps,
               min(tc.warmup_steps, cc.clf_steps // 10), None, gen, mixed_precision=False,
               extra={"spectral_norm": spectral, "num_classes": model.num_classes})
@@ -245,10 +245,6 @@ def _edges(dcfg):
     """z of the training region's edges (green lines of the grid): the delta bands or --bands."""
     from toy_circles import training_edges
     return training_edges(dcfg.bands, dcfg.delta) if dcfg.dataset == "circles" else None
-
-
-# Moved to config.py (models.build_model needs it too); still importable from here.
-num_classes_of = C.num_classes_of
 
 
 def clean_set(data, limit: int = 4096):

@@ -103,15 +103,13 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, followed by a 3x3 conv when ``conv`` (the reference UNet's
-    conv_resample, every preset). Without it the next ResBlock's convs do the smoothing: the conv
-    runs at the higher resolution with the lower level's width, 22 % of the cpu UNet's FLOPs;
-    without it a training step was 12-23 % faster and the spectral-norm row worse at seed 0
-    (README, "Why machine B is slower")."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (the reference UNet's conv_resample),
+    which smooths the blocky nearest-neighbour output before the skip connection is joined. It
+    runs at the higher resolution with the lower level's width: 22 % of the cpu UNet's FLOPs."""
 
-    def __init__(self, ch: int, conv: bool = True):
+    def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if conv else nn.Identity()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, emb=None):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -200,8 +198,7 @@ class UNet(nn.Module):
                  num_res_blocks=UNetConfig.num_res_blocks,
                  attention_resolutions=UNetConfig.attention_resolutions,
                  num_head_channels=UNetConfig.num_head_channels, dropout=UNetConfig.dropout,
-                 out_channels: int | None = None, num_classes: int = 0,
-                 upsample_conv: bool = UNetConfig.upsample_conv):
+                 out_channels: int | None = None, num_classes: int = 0):
         super().__init__()
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
@@ -229,7 +226,7 @@ class UNet(nn.Module):
                 if res in attention_resolutions:
                     layers.append(AttentionBlock(cur, num_head_channels))
                 if level and i == num_res_blocks:
-                    layers.append(Upsample(cur, upsample_conv))
+                    layers.append(Upsample(cur))
                     res *= 2
                 self.up.append(Sequence(layers))
         self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, self.out_channels, 3, padding=1)))
@@ -241,8 +238,7 @@ class UNet(nn.Module):
                    model_channels=unet_cfg.model_channels, channel_mult=unet_cfg.channel_mult,
                    num_res_blocks=unet_cfg.num_res_blocks,
                    attention_resolutions=unet_cfg.attention_resolutions,
-                   num_head_channels=unet_cfg.num_head_channels, dropout=unet_cfg.dropout,
-                   upsample_conv=unet_cfg.upsample_conv)
+                   num_head_channels=unet_cfg.num_head_channels, dropout=unet_cfg.dropout)
 
     def forward(self, x, t, y=None):
         emb = self.time_embed(t)

@@ -2,7 +2,7 @@
 
     python bench/edit_sweep.py [--root runs/table] [--pairs 0:0,1:0,2:0] [--depths 0.25,0.5,0.75] [--n 32]
 
-For each pair of bench/circles_table.py's root and each depth: edit.py on --n left-band training discs,
+For each pair of bench/circles_table.py's root and each depth: lab/edit.py on --n left-band training discs,
 inverted with DDIM to that fraction of the 64 respaced steps and decoded with single guidance
 (λ = --scale) towards class 1 and App. N's linearly decaying η; plus the λ = 0 control at each depth.
 Reports where the edited discs end (right band, the unseen middle, still left, or lost), mean ± std over
@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import edit  # noqa: E402
+from lab import edit  # noqa: E402
 from circles_table import link_pair  # noqa: E402
 from results.record import Recorder, mean_std  # noqa: E402
 

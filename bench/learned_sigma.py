@@ -24,9 +24,8 @@ run's --data-dir with its attribute (never trained on; mild faces included), and
 run's own training images (its index list). --n images of each set, drawn without replacement
 with --seed.
 
-Sizes are flags. Measured on the 32 px circles (1 thread, shared 2-core CPU): 16 images per set
-with all 1000 terms took ~110 s per set; --steps 64 takes ~7 s. The default 64 images per set
-with all T terms is the lead's measurement size; check the script with --n 8 --steps 10.
+Sizes are flags: the T terms per image dominate the cost (--steps 64 is much cheaper than all T).
+The default is 64 images per set with all T terms; check the script with --n 8 --steps 10.
 """
 import argparse
 import math

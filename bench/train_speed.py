@@ -120,7 +120,7 @@ def main():
             step_flops = flops
         print(f"train step, {layout:13s}: {dt * 1e3:5.0f} ms -> {bs / dt:4.0f} images/s, "
               f"{step_flops / dt / 1e9:4.0f} GFLOP/s = {step_flops / dt / peak:4.0%} of the matmul peak")
-    # Measured 0.97-1.03x on 2 cores (README): unlike sampling (1.3x), training stays NCHW.
+    # Unlike sampling, training stays NCHW: channels_last gains nothing there (why: RESULTS.md#speed_ideas).
     print(f"channels_last / nchw: {rows['nchw'] / rows['channels_last']:.2f}x speed-up "
           f"(train.py trains in NCHW; sampling uses channels_last)")
     if a.compile:

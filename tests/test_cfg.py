@@ -68,15 +68,16 @@ def test_unet_label_none_is_the_null_label_and_labels_matter():
         tiny_unet(num_classes=0)(x, t, torch.zeros(3, dtype=torch.long))
 
 
-def test_build_model_class_cond_and_old_checkpoints_stay_unconditional():
+def test_build_model_class_cond_and_configs_without_the_field_are_refused():
     cfg = C.make_config("circles", "cpu", class_cond=True)
     assert build_model(cfg).num_classes == 2
+    plain = C.from_dict(C.to_dict(C.make_config("circles", "cpu")))
+    assert plain["unet"].class_cond is False and build_model(plain).label_embed is None
     d = C.to_dict(C.make_config("circles", "cpu"))
-    del d["unet"]["class_cond"], d["train"]["label_dropout"]  # a checkpoint from before the option
-    old = C.from_dict(d)
-    assert old["unet"].class_cond is False and build_model(old).label_embed is None
+    del d["unet"]["class_cond"], d["train"]["label_dropout"]  # a checkpoint written by other code
+    one_line_error(lambda: C.from_dict(d), "unet.class_cond", "other code", "retrain")
     celeba = C.make_config("celeba", "cpu", class_cond=True, attribute="Smiling,Black_Hair")
-    assert build_model(celeba).num_classes == 4 == train.num_classes_of(celeba["data"])
+    assert build_model(celeba).num_classes == 4 == C.num_classes_of(celeba["data"])
 
 
 
@@ -263,8 +264,8 @@ def test_cfg_flag_errors(tiny_run):
                    "unknown --cfg-form", "affine", "printed")
     one_line_error(lambda: sample.main(run + ["--cfg-form", "printed"]), "--cfg-form", "--guidance cfg")
     one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--target", "1"]), "--target", "drop it")
-    one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--score", "exact"]), "--score exact", "drop")
-    one_line_error(lambda: sample.main(run + ["--guidance", "cfg", "--smc-particles", "4"]), "--smc-particles")
+    from lab import smc
+    one_line_error(lambda: smc.main(run + ["--guidance", "cfg", "--particles", "4"]), "--guidance cfg")
     one_line_error(lambda: evaluate.main(run + ["--methods", "uncond,multi", "--cfg-form", "printed"]),
                    "--cfg-form", "cfg method")
     one_line_error(lambda: evaluate.main(run + ["--cfg-form", "eq12"]), "unknown --cfg-form")

@@ -62,7 +62,7 @@ def test_expected_disc_is_what_render_disc_draws():
 
 def test_detector_rejects_blobs_and_ignores_specks():
     S = 32
-    grey = np.full((S, S), 128, np.uint8)       # used to be "one disc at z = 0.5"
+    grey = np.full((S, S), 128, np.uint8)       # a naive detector calls it "one disc at z = 0.5"
     white = np.full((S, S), 255, np.uint8)
     stripe = np.zeros((S, S), np.uint8)
     stripe[:, 15:17] = 255                      # full height, 2 px wide: area 64, box 2 x 32

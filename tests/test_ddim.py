@@ -49,7 +49,7 @@ def near_data(x, tol=0.015):
 
 
 def test_ddim_eta1_is_ancestral_with_posterior_variance():
-    """Eq. (16) of Song et al.: at eta = 1 sigma_t^2 = beta~_t, and Eq. (12) is then the posterior mean
+    """DDIM Eq. 16 [Song et al. 2021]: at eta = 1 sigma_t^2 = beta~_t, and DDIM Eq. 12 is then the posterior mean
     (Eq. 5); with the same noise, DDIM and ancestral (fixed_small) draw the same samples."""
     d, model = toy()
     t = torch.arange(1, d.T)
@@ -139,14 +139,14 @@ def test_guided_ddim_step_clips_before_the_guidance_shift():
     got_eps, got_x0 = d.ddim_eps_x0(model, x, t, True, guidance=g)
     assert torch.allclose(got_eps, eps, atol=1e-5) and torch.allclose(got_x0, x0, atol=1e-5)
     assert (got_x0 > 1).any()  # the guidance carried x^_0 past the clip, as the reference allows
-    # One full step agrees with Eq. (12) of DDIM built from the reference pair (eta = 0).
+    # One full step agrees with DDIM Eq. 12 built from the reference pair (eta = 0).
     xp, _ = d.ddim_sample(model, x, t, 0.0, True, guidance=g)
     abp = d.alphas_cumprod[299].item()
     assert torch.allclose(xp, abp ** 0.5 * x0 + (1 - abp) ** 0.5 * eps, atol=1e-5)
 
 
 def test_slerp_endpoints_norm_and_orthogonal_midpoint():
-    from interpolate import slerp
+    from lab.interpolate import slerp
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 1, 4, 4, generator=gen), torch.randn(5, 1, 4, 4, generator=gen)
     b = b * (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)  # equal norms
@@ -175,7 +175,7 @@ def test_eta_and_sampler_errors_are_one_line(tiny_run):
 
 
 def test_wrong_image_size_is_one_line(tiny_run):
-    import interpolate
+    from lab import interpolate
     from sample import load_ddpm
     model, cfg = load_ddpm(tiny_run, "cpu")
     d = GaussianDiffusion.from_config(cfg["diffusion"], respaced=True)
@@ -185,7 +185,7 @@ def test_wrong_image_size_is_one_line(tiny_run):
 
 def test_interpolate_cli_and_ddim_evaluate_record_settings(tiny_run, tmp_path):
     import evaluate
-    import interpolate
+    from lab import interpolate
     out = str(tmp_path / "interp")
     interpolate.main(["--run", tiny_run, "--out", out, "--n", "2", "--frames", "3", "--device", "cpu"])
     r = json.load(open(os.path.join(out, "interp.json")))

@@ -136,11 +136,11 @@ def test_build_model_picks_the_backbone_from_the_config():
     cfg["diffusion"].variance = "learned"              # output_channels: 2C
     assert build_model(cfg).out_channels == 2
     assert isinstance(build_model(C.make_config("circles", "cpu")), UNet)
-    # A checkpoint written before --arch existed is a UNet, whatever the DiT defaults are now.
+    # A stored config without the backbone fields is refused, not guessed.
     old = C.to_dict(C.make_config("circles", "cpu"))
     for k in ("arch", "patch_size", "dit_width", "dit_depth", "dit_heads"):
         del old["unet"][k]
-    assert isinstance(build_model(C.from_dict(old)), UNet)
+    one_line_error(lambda: C.from_dict(old), "unet.arch", "(nor 4 more)", "other code")
     with pytest.raises(ValueError, match="unknown --arch 'vit'"):
         build_model(C.make_config("circles", "cpu", arch="vit"))
 

@@ -114,7 +114,7 @@ def test_evaluate_records_guidance_at_and_keeps_the_xt_cache_key(tiny_run, tmp_p
 # ----- attribute editing (App. N) -----------------------------------------------------------------
 
 def test_eta_schedule_is_linear_and_ends_at_zero():
-    from edit import eta_schedule
+    from lab.edit import eta_schedule
     S_ = 31
     eta = np.array([eta_schedule(S_, 0.8)(i) for i in range(S_, -1, -1)])
     assert eta[0] == 0.8 and eta[-1] == 0.0
@@ -132,7 +132,7 @@ def test_denoise_takes_a_per_step_eta():
 
 
 class ToyNet:
-    """test_ddim's exact eps with the image shape interpolate.check_images asks for."""
+    """test_ddim's exact eps with the image shape lab.interpolate.check_images asks for."""
     channels, image_size = 1, 1
 
     def __init__(self, eps):
@@ -143,7 +143,7 @@ class ToyNet:
 
 
 def test_edit_without_guidance_or_noise_reconstructs():
-    from edit import edit
+    from lab.edit import edit
     d, eps = toy(K=64)
     model = ToyNet(eps)
     x0 = M + S * torch.randn(512, 1, 1, 1, generator=torch.Generator().manual_seed(0))
@@ -156,7 +156,7 @@ def test_edit_without_guidance_or_noise_reconstructs():
 
 
 def test_edit_cli_on_a_tiny_run(tiny_run, tmp_path):
-    import edit
+    from lab import edit
     out = str(tmp_path / "edit")
     edit.main(["--run", tiny_run, "--out", out, "--n", "3", "--cols", "2", "--device", "cpu"])
     r = json.load(open(os.path.join(out, "edit.json")))
@@ -171,6 +171,6 @@ def test_edit_cli_on_a_tiny_run(tiny_run, tmp_path):
 
 
 def test_outcomes_bands():
-    from edit import outcomes
+    from lab.edit import outcomes
     r = outcomes([0.1, 0.5, 0.9, None, 0.85], 0.2)
     assert r == {"right": 0.4, "middle": 0.2, "left": 0.2, "lost": 0.2}

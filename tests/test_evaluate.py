@@ -15,7 +15,8 @@ import evaluate
 from checkpoint import UserError
 import detector
 from detector import circle_stats
-from evaluate import format_table, hist_kld, hist_mse, histogram, summarize
+from evaluate import format_table, summarize
+from histograms import hist_kld, hist_mse, histogram
 from test_training import assert_one_line_error, run_cli
 
 
@@ -123,10 +124,11 @@ def test_sampling_flags_declared_once_in_sample_config():
         assert not written & flags, (mod, written & flags)
     sp, ep = sample.build_parser(), evaluate.build_parser()
     assert flags <= set(sp._option_string_actions)
-    shared = {"--run", "--n", "--batch-size", "--seed", "--steps", "--device", "--lambdas", "--score",
-              "--classifier"}  # evaluate's --classifier only takes exact (adds its rows, exact_score.py)
+    shared = {"--run", "--n", "--batch-size", "--seed", "--steps", "--device", "--lambdas", "--sampler", "--eta",
+              "--guidance-at", "--cfg-form"}
     assert shared <= set(ep._option_string_actions)
-    assert not {"--guidance", "--scale", "--target"} & set(ep._option_string_actions)
+    # evaluate.py always measures classifier (multi) and classifier_sn (multi_sn).
+    assert not {"--guidance", "--scale", "--target", "--classifier"} & set(ep._option_string_actions)
     assert ep._option_string_actions["--n"].help.endswith("(default: 512)")
     assert ep._option_string_actions["--lambdas"].help.endswith("(default: 30,30)")
     assert sp._option_string_actions["--n"].help.endswith("(default: 64)")

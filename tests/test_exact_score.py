@@ -1,4 +1,4 @@
-"""The exact score eps*, the exact classifier p*, score composition (exact_score.py, composition.py).
+"""The exact score eps*, the exact classifier p*, score composition (lab/exact_score.py, lab/composition.py).
 
 Pinned on a 2-point toy by hand; memorisation (small-t snapping, sampling returns training images)
 on the real circles training set; the classifier against a brute-force sum of Gaussian densities and
@@ -15,14 +15,13 @@ import pytest
 import torch
 
 import config as C
-import exact_score
-import score_error
 from checkpoint import to_uint8
-from composition import LinearComposition, check_projective, two_disc_stats
 from conftest import one_line_error
 from diffusion import GaussianDiffusion, cosine_betas
-from exact_score import ExactClassifier, ExactEps, training_set
 from guidance import multi_guidance
+from lab import exact_score, score_error
+from lab.composition import LinearComposition, check_projective, two_disc_stats
+from lab.exact_score import ExactClassifier, ExactEps, training_set
 from toy_circles import CirclesData, render_disc
 
 
@@ -238,52 +237,66 @@ def run_copy(tiny_run, tmp_path):
     return run
 
 
-def test_sample_cli_exact_score_and_classifier(run_copy, tmp_path):
+def test_exact_score_cli_row_and_the_sampler_hooks(run_copy, tmp_path):
     import sample
-    out = str(tmp_path / "s")
-    sample.main(["--run", run_copy, "--n", "6", "--score", "exact", "--guidance", "multi",
-                 "--classifier", "exact", "--out", out, "--device", "cpu"])
-    z = np.load(os.path.join(out, "samples_multi_exact_exact-score.npz"))
-    assert str(z["score"]) == "exact" and str(z["classifier"]) == "exact" and z["images"].shape == (6, 16, 16, 1)
-    # Unguided exact-score samples are training images (the tiny run: T = 50, 10 steps).
+    exact_score.main(["--run", run_copy, "--n", "6", "--rows", "exact_multi_exact", "--out", str(tmp_path / "s"),
+                      "--device", "cpu"])
+    z = np.load(os.path.join(run_copy, "eval_exact_multi_exact.npz"))
+    settings = json.loads(str(z["settings"]))
+    assert settings["score"] == "exact" and settings["classifier"] == "exact" and z["images"].shape == (6, 16, 16, 1)
+    # Unguided exact-score samples are training images (the tiny run: T = 50, 10 steps): the core
+    # sampler with eps* as its network (sample.setup's models).
     cfg = C.from_dict(torch.load(os.path.join(run_copy, "ddpm.pt"), weights_only=False)["config"])
     x, _ = training_set(cfg)
-    s = sample.generate(run_copy, 8, device="cpu", score="exact")
+    s = sample.generate(run_copy, 8, device="cpu", models=(exact_score.score_model(cfg, "cpu"), cfg))
     assert (to_uint8(s).astype(int)[:, None] - to_uint8(x.float()).astype(int)[None]).__abs__() \
         .reshape(8, len(x), -1).max(-1).min(1).max() <= 1
-    one_line_error(lambda: sample.main(["--run", run_copy, "--score", "exakt", "--device", "cpu"]),
-                   "--score", "learned", "exact")
-    one_line_error(lambda: sample.load_classifier(run_copy, "exactly", "cpu"), "classifier_sn or exact")
+    one_line_error(lambda: exact_score.main(["--run", run_copy, "--rows", "exakt_multi", "--device", "cpu"]),
+                   "unknown row", "exact_multi")
+    one_line_error(lambda: sample.load_classifier(run_copy, "exactly", "cpu"), "classifier or classifier_sn")
 
 
-def test_evaluate_exact_rows_cached_and_recorded(run_copy):
-    import evaluate
-    args = ["--run", run_copy, "--n", "6", "--batch-size", "6", "--device", "cpu", "--methods", "uncond,multi"]
-    m = evaluate.evaluate_run(run_copy, 6, 6, methods=["uncond", "multi"], device="cpu", score="exact",
-                              classifier="exact", figures=False, log=lambda *a: None)
-    assert list(m) == ["uncond", "multi", "multi_exact", "exact_uncond", "exact_multi", "exact_multi_exact"]
+SIX = ["uncond", "multi", "multi_exact", "exact_uncond", "exact_multi", "exact_multi_exact"]
+
+
+def test_exact_rows_cached_and_recorded(run_copy):
+    out = os.path.join(run_copy, "exact_score")
+    args = ["--run", run_copy, "--n", "6", "--batch-size", "6", "--device", "cpu", "--rows", ",".join(SIX)]
+    m = exact_score.evaluate_rows(run_copy, 6, 6, rows=SIX[::-1], device="cpu", figures=False, log=lambda *a: None)
+    assert list(m) == SIX   # the table's order, whatever the order asked for
     assert [(m[k]["score"], m[k]["classifier"]) for k in m] == [
         ("learned", None), ("learned", "classifier"), ("learned", "exact"), ("exact", None),
         ("exact", "classifier"), ("exact", "exact")]
     settings = {k: json.loads(str(np.load(os.path.join(run_copy, f"eval_{k}.npz"))["settings"])) for k in m}
-    assert "score" not in settings["multi"] and "classifier" not in settings["multi"]   # old keys unchanged
+    assert "score" not in settings["multi"] and "classifier" not in settings["multi"]   # evaluate.py's key
     assert settings["exact_multi"]["score"] == "exact" and "classifier" not in settings["exact_multi"]
     assert settings["multi_exact"]["classifier"] == "exact" and "score" not in settings["multi_exact"]
     assert settings["exact_multi_exact"]["score"] == settings["exact_multi_exact"]["classifier"] == "exact"
     # Exact-score unguided samples are training images: all one disc, none in the middle.
     assert m["exact_uncond"]["one_disc"] == 1.0 and m["exact_uncond"]["accuracy"] == 0.0
     # The CLI: the table has the six rows, and the exact rows come back from the cache.
-    evaluate.main(args + ["--score", "exact", "--classifier", "exact"])
-    rec = json.load(open(os.path.join(run_copy, "metrics.json")))
+    exact_score.main(args)
+    rec = json.load(open(os.path.join(out, "exact_score.json")))
     assert json.dumps(rec, sort_keys=True) == json.dumps(
         {k: dict(v, sample_seconds=rec[k]["sample_seconds"]) for k, v in m.items()}, sort_keys=True)
-    assert os.path.exists(os.path.join(run_copy, "heatmap_classifiers.png"))
-    one_line_error(lambda: evaluate.main(args + ["--classifier", "classifier_sn"]), "--classifier exact")
-    one_line_error(lambda: evaluate.main(args + ["--score", "exakt"]), "--score")
+    assert os.path.exists(os.path.join(out, "heatmap_classifiers.png"))
+    one_line_error(lambda: exact_score.main(args[:-1] + ["uncond", "--lambdas", "10,10"]), "--lambdas",
+                   "guided rows")
+    one_line_error(lambda: exact_score.main(args[:-1] + ["exakt"]), "unknown row")
+
+
+def test_core_clis_have_no_lab_flags():
+    """sample.py and evaluate.py know nothing of the exact score or SMC (lab/ has their CLIs)."""
+    import evaluate
+    import sample
+    for parser in (sample.build_parser(), evaluate.build_parser()):
+        assert not {"--score", "--smc-particles", "--smc-ess"} & set(parser._option_string_actions)
+    assert "--classifier" not in evaluate.build_parser()._option_string_actions
+    assert "exact" not in evaluate.METHODS and not any(m.startswith("exact_") for m in evaluate.METHODS)
 
 
 def test_score_error_and_composition_clis(run_copy, tmp_path):
-    import composition
+    from lab import composition
     out = str(tmp_path / "err.png")
     score_error.main(["--run", run_copy, "--out", out, "--t-count", "4", "--rows", "2", "--device", "cpu"])
     res = json.load(open(str(tmp_path / "err.json")))

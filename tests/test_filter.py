@@ -28,7 +28,7 @@ def test_nll_and_probs_pinned():
 
 def test_fit_temperature_recovers_known_T_exactly():
     """Labels in exact proportion softmax(l / T0) (5,000 copies of each of 25 logits): the NLL
-    minimum is at T0 up to the rounding of the counts (measured: <= 3.4e-4 relative)."""
+    minimum is at T0 up to the rounding of the counts (3.4e-4 relative at most for these counts)."""
     l, M = np.linspace(-4, 4, 25), 5000
     for T0 in (0.5, 2.5):
         n1 = np.round(M / (1 + np.exp(-l / T0))).astype(int)

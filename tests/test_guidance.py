@@ -219,4 +219,7 @@ def test_antialiased_classifier_has_the_same_parameters_and_works_with_spectral_
     sn = NoisyClassifier(16, 1, 2, 8, (1, 2, 2), 1, (8,), spectral_norm_scale=2.0, antialias=True)
     assert torch.isfinite(sn(x, t)).all() and all("blur" not in n for n, _ in spectral_layers(sn))
     import config as C
-    assert C.from_dict({"classifier": {}})["classifier"].clf_antialias is False  # older checkpoints
+    stored = C.to_dict(C.make_config("circles", "cpu"))
+    del stored["classifier"]["clf_antialias"]   # a checkpoint written by other code: no silent default
+    with pytest.raises(UserError, match="classifier.clf_antialias"):
+        C.from_dict(stored)

@@ -1,5 +1,6 @@
-"""LAB.md: every command of every exercise parses with the script it names (a dry run: the parser,
-not the training), and every exercise names a figure and asks a question."""
+"""LAB.md: every command of every exercise parses with the script or module it names (a dry run:
+the parser, not the training), and every exercise names a figure and asks a question."""
+import importlib
 import importlib.util
 import os
 import re
@@ -12,18 +13,31 @@ LAB = open(os.path.join(ROOT, "LAB.md"), encoding="utf-8").read()
 
 
 def commands():
-    """(script, argv) of every command in LAB.md's bash blocks, `&&` chains split."""
+    """(script, argv) of every command in LAB.md's bash blocks, `&&` chains split; a module run
+    with ``python -m lab.x`` is given as "-m lab.x"."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", LAB, flags=re.S):
         for line in block.strip().splitlines():
             for cmd in line.split("&&"):
                 words = shlex.split(cmd)
                 assert words[0] == "python", cmd
-                out.append((words[1], words[2:]))
+                if words[1] == "-m":
+                    out.append(("-m " + words[2], words[3:]))
+                else:
+                    out.append((words[1], words[2:]))
     return out
 
 
+def path_of(script):
+    """The file a command runs: a script path, or lab/x.py for "-m lab.x"."""
+    if script.startswith("-m "):
+        return os.path.join(ROOT, *script[3:].split(".")) + ".py"
+    return os.path.join(ROOT, script)
+
+
 def load(script):
+    if script.startswith("-m "):
+        return importlib.import_module(script[3:])
     spec = importlib.util.spec_from_file_location("lab_" + script.replace("/", "_")[:-3],
                                                   os.path.join(ROOT, script))
     mod = importlib.util.module_from_spec(spec)
@@ -40,7 +54,7 @@ def test_lab_has_six_to_eight_exercises_each_with_a_command_a_figure_and_a_quest
 
 @pytest.mark.parametrize("script,argv", commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_lab_command_parses(script, argv):
-    assert os.path.exists(os.path.join(ROOT, script)), f"LAB.md runs {script}, which does not exist"
+    assert os.path.exists(path_of(script)), f"LAB.md runs {script}, which does not exist"
     parser = load(script).build_parser()
     # parse_args exits (SystemExit 2) on an unknown flag or a value of the wrong type.
     args = parser.parse_args(argv)

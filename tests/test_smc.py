@@ -1,4 +1,4 @@
-"""Twisted SMC guided sampling (smc.py) against closed forms, and the --bands middle data (§7).
+"""Twisted SMC guided sampling (lab/smc.py) against closed forms, and the --bands middle data (§7).
 
 The toy: one-pixel data x_0 ~ N(M, S^2) with its exact eps, and a Gaussian "likelihood"
 p(y | x_0) = N(C; x_0, R^2) whose exact noisy version is known: x_0 | x_t ~ N(m_t(x_t), v_t) with
@@ -20,7 +20,8 @@ import torch
 
 from conftest import one_line_error
 from diffusion import GaussianDiffusion, cosine_betas
-from smc import ess, smc_sample, smc_step, systematic_resample
+from lab import smc
+from lab.smc import ess, smc_sample, smc_step, systematic_resample
 
 M, S, C, R = 0.3, 0.2, 0.6, 0.2
 BETAS = cosine_betas(1000)
@@ -233,37 +234,36 @@ def test_ess_formula():
 
 # ----- the CLI on the tiny run ------------------------------------------------------------------
 
-def test_sample_cli_with_smc(tiny_run, tmp_path):
+def test_smc_cli(tiny_run, tmp_path):
     import sample
     out = str(tmp_path)
-    sample.main(["--run", tiny_run, "--guidance", "multi", "--smc-particles", "4", "--n", "10",
-                 "--batch-size", "8", "--out", out, "--device", "cpu"])
+    smc.main(["--run", tiny_run, "--guidance", "multi", "--particles", "4", "--n", "10",
+              "--batch-size", "8", "--out", out, "--device", "cpu"])
     z = np.load(os.path.join(out, "samples_multi_classifier_smc4.npz"))
     assert z["images"].shape == (10, 16, 16, 1) and int(z["smc_particles"]) == 4
     info = json.loads(str(z["smc_info"]))
     assert info["systems"] == 3 and info["system_steps"] == 3 * 9  # 4 + 4 + 2 particles, 10 steps
     assert 0 <= info["resampled"] <= info["system_steps"] and 1 <= info["survivors"] <= 4
     # single guidance: one target per system; the lambda = 0 multi-guided SMC is the unguided sampler
-    sample.main(["--run", tiny_run, "--guidance", "single", "--target", "1", "--smc-particles", "3",
-                 "--n", "6", "--out", out, "--device", "cpu"])
+    smc.main(["--run", tiny_run, "--guidance", "single", "--target", "1", "--particles", "3",
+              "--n", "6", "--out", out, "--device", "cpu"])
     assert os.path.exists(os.path.join(out, "samples_single_classifier_smc3.npz"))
-    a = sample.generate(tiny_run, 8, 8, seed=1, device="cpu", guidance="multi", lambdas="0,0", smc_particles=4)
+    a = smc.prepare(tiny_run, "cpu", guidance="multi", lambdas="0,0", particles=4)(8, 8, seed=1)
     b = sample.generate(tiny_run, 8, 8, seed=1, device="cpu")
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_smc_errors_are_one_line(tiny_run):
-    import sample
     base = ["--run", tiny_run, "--device", "cpu", "--n", "2"]
-    one_line_error(lambda: sample.main(base + ["--guidance", "multi", "--smc-particles", "0"]), "--smc-particles", "1")
-    one_line_error(lambda: sample.main(base + ["--smc-particles", "4"]), "--guidance multi")
-    one_line_error(lambda: sample.main(base + ["--guidance", "multi", "--smc-particles", "4", "--sampler", "ddim"]),
-                   "ancestral only")
-    one_line_error(lambda: sample.main(base + ["--guidance", "multi", "--smc-particles", "4", "--guidance-at", "mu"]),
-                   "--guidance-at xt")
-    one_line_error(lambda: sample.main(base + ["--guidance", "multi", "--smc-particles", "4", "--smc-ess", "1.5"]),
-                   "--smc-ess", "[0, 1]")
-    one_line_error(lambda: sample.main(base + ["--guidance", "multi", "--smc-ess", "0.3"]), "--smc-particles N")
+    one_line_error(lambda: smc.main(base + ["--guidance", "multi", "--particles", "0"]), "--particles", "1")
+    one_line_error(lambda: smc.main(base + ["--guidance", "none"]), "--guidance multi")
+    one_line_error(lambda: smc.main(base + ["--guidance", "cfg"]), "--guidance multi")
+    one_line_error(lambda: smc.main(base + ["--guidance", "multi", "--ess", "1.5"]), "--ess", "[0, 1]")
+    one_line_error(lambda: smc.main(base + ["--guidance", "multi", "--target", "1"]), "--target")
+    # The proposal is the guided ancestral step at x_t: DDIM and guidance at mu are not options.
+    for flag in (["--sampler", "ddim"], ["--guidance-at", "mu"]):
+        with pytest.raises(SystemExit):
+            smc.build_parser().parse_args(flag)
 
 
 # ----- the middle-band data (§7) ----------------------------------------------------------------
@@ -286,13 +286,13 @@ def test_middle_band_data():
     assert training_edges("middle") == (0.35, 0.65) and training_edges("extremes", 0.2) == (0.2, 0.8)
 
 
-def test_old_configs_mean_extremes_and_bad_bands_are_one_line(tmp_path):
+def test_configs_without_bands_and_bad_bands_are_one_line(tmp_path):
     import config as C
     import train
     from toy_circles import band_positions, parse_bands
     old = C.to_dict(C.make_config("circles", "cpu"))
     del old["data"]["bands"]
-    assert C.from_dict(old)["data"].bands == "extremes"
+    one_line_error(lambda: C.from_dict(old), "data.bands", "other code")
     assert band_positions(32, 0.2) == band_positions(32, 0.2, bands="extremes")
     for bad in ("left", "0.2:0.7", "0.6:0.4", "a:b"):
         one_line_error(lambda: parse_bands(bad), "--bands")

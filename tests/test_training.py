@@ -26,24 +26,11 @@ def test_unet_shapes_and_identity_init():
         UNet(18, 1, channel_mult=(1, 2, 2))
 
 
-def test_upsampling_conv_is_a_knob_and_old_checkpoints_keep_it():
-    """--no-upsample-conv drops the conv after each decoder upsampling: same output shape, one conv
-    fewer per upsampling. Every preset keeps it, and so does a config stored before the option
-    existed (no field): the network it was trained with had the conv."""
-    kw = dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=8)
-    lean, full = UNet(16, 1, **kw, upsample_conv=False), UNet(16, 1, **kw, upsample_conv=True)
-    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0, 9])
-    assert lean(x, t).shape == full(x, t).shape == x.shape
-    n = lambda m: sum(p.numel() for p in m.parameters())
-    assert n(full) - n(lean) == 16 * 16 * 9 + 16  # one 3x3 conv at width 16 (8 ch x mult 2)
-    for dataset, preset in C.PRESETS:
-        assert C.make_config(dataset, preset)["unet"].upsample_conv is True
-    stored = C.to_dict(C.make_config("circles", "cpu", upsample_conv=False))
-    assert C.from_dict(stored)["unet"].upsample_conv is False
-    del stored["unet"]["upsample_conv"]
-    old = C.from_dict(stored)
-    assert old["unet"].upsample_conv is True
-    keys = UNet.from_config(old["data"], old["unet"]).state_dict()
+def test_every_decoder_upsampling_is_followed_by_a_conv():
+    """The reference UNet's conv_resample: a 3x3 conv after each nearest 2x upsampling of the decoder,
+    three of them for the cpu preset's four levels."""
+    cfg = C.from_dict(C.to_dict(C.make_config("circles", "cpu")))
+    keys = UNet.from_config(cfg["data"], cfg["unet"]).state_dict()
     assert sum(k.endswith("conv.weight") and ".up." in "." + k for k in keys) == 3  # 4 levels
 
 

@@ -1,42 +1,40 @@
 """The lab's table: where interpolation comes from, why extrapolation fails, when composition works.
 
-    python bench/lab.py [--run runs/circles] [--mid-run runs/mid] [--n 256] [--particles 8]
+    python -m lab.table [--run runs/circles] [--mid-run runs/mid] [--n 256] [--particles 8]
 
 Trains what is missing (cpu preset: ``--run`` on the extreme bands, ``--mid-run`` with
 ``--bands middle``), then one row per method, all on the circles (§5.5) with the detector's ground
 truth, lambda = 30 per class, 64 respaced ancestral steps:
 
   interpolation (--run; target: one disc with z in [0.2, 0.8], the unseen middle, §5.5's accuracy)
-    learned score, unguided | + learned classifier (multi) | + SMC (smc.py) | + exact classifier,
-    exact score (exact_score.py) + learned classifier | + exact classifier
+    learned score, unguided | + learned classifier (multi) | + SMC (lab/smc.py) | + exact classifier,
+    exact score (lab/exact_score.py) + learned classifier | + exact classifier
   extrapolation (--mid-run, trained on z in [0.35, 0.65] only; target z < 0.15 or z > 0.85, §7)
     single guidance towards each side and multi-guidance, plain and SMC
   composition (--run; target: exactly one disc in each half, a layout never seen in training)
-    linear composition of the exact left / right experts (composition.py) around the empty canvas
+    linear composition of the exact left / right experts (lab/composition.py) around the empty canvas
     (projective) and around the unconditional training set ("Bayes")
 
 Columns: on_target (fraction of all samples), 0-disc and 2+-disc rates, diversity (std of the
 detected z of the one-disc samples; composition: -), seconds per sample. Also writes the score-error
-figure of the learned model against the exact score (<run>/score_error.png, score_error.py) and
-<root>/lab.json. Wall times are quoted beside the fp32 matmul GFLOP/s measured in the same run.
+figure of the learned model against the exact score (<run>/score_error.png, lab/score_error.py) and
+<run>/lab.json. Wall times are quoted beside the fp32 matmul GFLOP/s measured in the same run.
 """
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import composition  # noqa: E402
-import score_error  # noqa: E402
-import train  # noqa: E402
-from checkpoint import pick_device, to_uint8  # noqa: E402
-from extrapolate import measure  # noqa: E402  (bench/ is on sys.path as the script's folder)
-from sample import load_ddpm, prepare  # noqa: E402
-from train_speed import matmul_peak  # noqa: E402
+import train
+from checkpoint import pick_device, to_uint8
+from lab import composition, exact_score, score_error, smc
+from lab.extrapolate import measure
+from results.record import matmul_gflops
+from sample import load_ddpm, prepare
 
 MIDDLE, OUTER, LEFT, RIGHT = ((0.2, 0.8),), ((0.0, 0.15), (0.85, 1.0)), ((0.0, 0.15),), ((0.85, 1.0),)
-# (section, label, target, prepare() keyword arguments); "smc" rows get --particles.
+# (section, label, target, row options): guidance, target, classifier / score ("exact": the closed
+# form, lab/exact_score.py) and smc (drawn with --particles per system, lab/smc.py).
 INTERPOLATION = [
     ("learned score, unguided", MIDDLE, dict()),
     ("learned score + learned clf", MIDDLE, dict(guidance="multi")),
@@ -64,11 +62,12 @@ def ensure_run(run, extra=()):
 
 
 def guided_row(run, label, target, kw, a, device, models):
-    kw = dict(kw)
-    particles = a.particles if kw.pop("smc", False) else 0
-    draw = prepare(run, device, None, kw.pop("guidance", "none"), None, a.scale, kw.pop("target", None),
-                   kw.pop("classifier", "classifier"), models, smc_particles=particles,
-                   score=kw.pop("score", "learned"))
+    cfg = models[1]
+    if kw.get("score") == "exact":
+        models = (exact_score.score_model(cfg, device), cfg)
+    clf = exact_score.classifier(cfg, device) if kw.get("classifier") == "exact" else "classifier"
+    args = (run, device, None, kw.get("guidance", "none"), None, a.scale, kw.get("target"), clf, models)
+    draw = smc.prepare(*args, a.particles) if kw.get("smc") else prepare(*args)
     t0 = time.time()
     images = to_uint8(draw(a.n, a.batch_size, a.seed))
     dt = time.time() - t0
@@ -117,7 +116,7 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     sections = [s for s in a.sections.split(",") if s]
     device = pick_device("cpu")
-    peak = matmul_peak()
+    peak = matmul_gflops()
     t_start = time.time()
     ensure_run(a.run)
     if "extrapolation" in sections:
@@ -147,9 +146,9 @@ def main(argv=None):
     out = a.out or os.path.join(a.run, "lab.json")
     with open(out, "w") as f:
         json.dump({"settings": vars(a), "table": table, "wall_seconds": wall, "train_seconds": t_train,
-                   "matmul_gflops": peak / 1e9}, f, indent=2)
+                   "matmul_gflops": peak}, f, indent=2)
     print(f"\n{wall / 60:.1f} min in this command (training {t_train / 60:.1f} min); fp32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s; wrote {out} and {png}")
+          f"{peak:.0f} GFLOP/s; wrote {out} and {png}")
 
 
 if __name__ == "__main__":

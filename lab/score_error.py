@@ -1,10 +1,10 @@
 """How far a trained DDPM's score is from the exact score of its training set (§5.5, §7).
 
-    python score_error.py --run runs/circles      # runs/circles/score_error.png and .json
+    python -m lab.score_error --run runs/circles      # runs/circles/score_error.png and .json
 
 For discs rendered at every centre column - the training bands and the unseen middle - and a grid
 of timesteps, E||eps_theta(x_t, t) - eps*(x_t, t)||^2 with eps* the closed-form score of the
-training set (exact_score.py). Where the two part is where the network generalises instead of
+training set (lab/exact_score.py). Where the two part is where the network generalises instead of
 memorising: the "score estimation error off the support" that Catastrophic Compositional
 Generation blames for what guided sampling produces, and what multi-guidance exploits.
 """
@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import UserError, cli, ensure_writable_dir, from_uint8
 from diffusion import GaussianDiffusion, respace_indices
-from exact_score import ExactEps, score_model
+from lab.exact_score import ExactEps, score_model
 
 
 @torch.no_grad()

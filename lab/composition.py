@@ -16,7 +16,7 @@ disjoint coordinates; summing them assembles the composite coordinate block by b
 combined score then draws the composite exactly (tests/test_exact_score.py checks the score
 against the closed form of the product on a toy).
 
-On the circles (§5.5) the experts are the exact class-conditional scores (exact_score.py): "a disc
+On the circles (§5.5) the experts are the exact class-conditional scores (lab/exact_score.py): "a disc
 on the left" and "a disc on the right". With the **empty canvas** (the all-black image, a single
 point, so eps_b = (x - sqrt(abar) b) / sqrt(1 - abar) in closed form) as background, the left expert
 differs from it only on the left band's pixels and the right expert only on the right band's:
@@ -27,8 +27,8 @@ has): not projective. That combination is the "Bayes" composition p_L p_R / p_u 
 p_u p(L|x) p(R|x), i.e. exact multi-guidance with lambda = [1, 1] in score space, whose target has
 almost no mass (no training image is both left and right).
 
-    python composition.py --run runs/circles --background empty --n 256    # two discs
-    python composition.py --run runs/circles --background uncond --n 256   # Bayes: not two discs
+    python -m lab.composition --run runs/circles --background empty --n 256    # two discs
+    python -m lab.composition --run runs/circles --background uncond --n 256   # Bayes: not two discs
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import UserError, cli, ensure_writable_dir, to_uint8
-from exact_score import ExactEps, alphas_cumprod, timesteps, to_prediction, training_set
+from lab.exact_score import ExactEps, alphas_cumprod, timesteps, to_prediction, training_set
 
 BACKGROUNDS = ("empty", "uncond")
 

@@ -1,7 +1,7 @@
-"""Extrapolation (§7) and interpolation (§5.5) with plain guidance against twisted SMC (smc.py).
+"""Extrapolation (§7) and interpolation (§5.5) with plain guidance against twisted SMC (lab/smc.py).
 
-    python bench/extrapolate.py --run runs/mid                          # a --bands middle run
-    python bench/extrapolate.py --run runs/mid --interp-run runs/circles --n 256 --particles 8
+    python -m lab.extrapolate --run runs/mid                          # a --bands middle run
+    python -m lab.extrapolate --run runs/mid --interp-run runs/circles --n 256 --particles 8
 
 Extrapolation, on a run trained with ``train.py --bands middle`` (discs only at z in [0.35, 0.65];
 the classifier learns right half against left half of that band): can guidance put discs where
@@ -32,17 +32,16 @@ a grid of the first 64 (<out>/grid_<run>_<row>.png).
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config as C  # noqa: E402
-from checkpoint import UserError, cli, pick_device, to_uint8  # noqa: E402
-from detector import circle_stats  # noqa: E402
-from sample import load_ddpm, prepare, save_grid  # noqa: E402
-from toy_circles import training_edges  # noqa: E402
+import config as C
+from checkpoint import UserError, cli, pick_device, to_uint8
+from detector import circle_stats
+from lab import smc
+from sample import load_ddpm, prepare, save_grid
+from toy_circles import training_edges
 
 OUTER = ((0.0, 0.15), (0.85, 1.0))
 # name -> (guidance, target class or None, lambda signs (multi) or None, target z intervals)
@@ -97,8 +96,9 @@ def run_methods(run, methods, table, a, device, log=print) -> list:
         chosen = [0] if guidance == "none" else [0] * a.plain + [a.particles] * a.smc  # 0: plain
         for particles in chosen:
             lambdas = ",".join(str(s * a.scale) for s in signs) if signs else None
-            draw = prepare(run, device, a.steps or None, guidance, lambdas, a.scale, target, a.classifier,
-                           models, smc_particles=particles, smc_ess=a.ess)
+            draw = (smc.prepare(run, device, a.steps or None, guidance, lambdas, a.scale, target, a.classifier,
+                                models, particles, a.ess) if particles else
+                    prepare(run, device, a.steps or None, guidance, lambdas, a.scale, target, a.classifier, models))
             t0 = time.time()
             x = draw(a.n, a.batch_size, a.seed)
             dt = time.time() - t0
@@ -142,7 +142,7 @@ def build_parser():
                    help=f"extrapolation methods, from {','.join(EXTRAPOLATION)}")
     p.add_argument("--n", type=int, default=128, help="samples per row")
     p.add_argument("--particles", type=int, default=8, help="SMC particles per system")
-    p.add_argument("--ess", type=float, default=C.SampleConfig.smc_ess, help="SMC resampling threshold")
+    p.add_argument("--ess", type=float, default=0.5, help="SMC resampling threshold")
     p.add_argument("--scale", type=float, default=30.0, help="lambda (single: the scale; multi: each class)")
     p.add_argument("--steps", type=int, default=0, help="respaced sampling steps (0: the run's)")
     p.add_argument("--batch-size", type=int, default=C.SampleConfig.batch_size)

@@ -43,21 +43,32 @@ schedule, so the log-weights differ by ~1e5 between neighbouring training images
 training set is processed in chunks of ``chunk_n`` images with a running (online) softmax, and the
 batch in chunks of ``chunk_b``, so memory is O(chunk_b x chunk_n + chunk_b x D).
 
-    python score_error.py --run runs/circles     # the learned score's error against eps* (score_error.py)
+    python -m lab.exact_score --run runs/circles               # every row below that can be drawn
+    python -m lab.exact_score --run runs/circles --rows multi,exact_multi,exact_multi_exact
+    python -m lab.score_error --run runs/circles               # the learned score's error against eps*
 
-``sample.py --score exact`` / ``--classifier exact`` and ``evaluate.py --score exact --classifier
-exact`` use the modules below in place of the run's networks (see ``score_model`` / ``classifier``).
+The CLI measures the §5.5 experiment with evaluate.py's metrics, one row per (score, classifier):
+``multi`` (learned / learned, row (a)), ``exact_multi`` (exact eps* / learned, row (b)),
+``exact_multi_exact`` (exact / exact, row (c)), ``multi_exact`` (learned / exact p*), the unguided
+``uncond`` / ``exact_uncond`` and the spectral-norm ``multi_sn`` / ``exact_multi_sn``. Samples are
+cached as evaluate.py caches them (``<run>/eval_<row>.npz``, the learned rows shared with it);
+``<out>`` (default ``<run>/exact_score``) gets exact_score.json ({row: evaluate.py's metrics plus
+score and classifier}), grid_<row>.png, hist_z.png and heatmap_classifiers.png (learned and exact).
 """
 from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import UserError
+import config as C
+from checkpoint import UserError, cli, ensure_writable_dir
 from diffusion import make_betas
-
-SCORES = ("learned", "exact")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +84,7 @@ def training_set(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     of each other, so for them N stays 300 (cpu preset)."""
     d = cfg["data"]
     if d.dataset != "circles":
-        raise UserError(f"--score exact / --classifier exact need the training set in memory and are "
+        raise UserError(f"the exact score and classifier need the training set in memory and are "
                         f"implemented for circles runs only; this run holds {d.dataset}: use the learned "
                         f"score and classifier")
     from toy_circles import CirclesData
@@ -123,7 +134,7 @@ class _Mixture(nn.Module):
         if need > MAX_BYTES:
             raise UserError(f"the exact score holds the training set in float64: {len(data)} images of "
                             f"{tuple(data.shape[1:])} need {need / 1024 ** 3:.1f} GiB, over the "
-                            f"{MAX_BYTES / 1024 ** 3:.0f} GiB limit (exact_score.MAX_BYTES); use a smaller "
+                            f"{MAX_BYTES / 1024 ** 3:.0f} GiB limit (lab.exact_score.MAX_BYTES); use a smaller "
                             f"--image-size or the learned score")
         self.image_shape = tuple(data.shape[1:])
         flat = data.double().flatten(1)
@@ -258,7 +269,7 @@ class ExactClassifier(_Mixture):
 
 
 # ----------------------------------------------------------------------------------------------
-# Wiring: what sample.py / evaluate.py call
+# A run's exact score and classifier, and the §5.5 rows they give
 # ----------------------------------------------------------------------------------------------
 
 
@@ -269,15 +280,10 @@ def _float64_device(device) -> torch.device:
     return device
 
 
-def check_score(score: str) -> None:
-    if score not in SCORES:
-        raise UserError(f"unknown --score {score!r}; use learned (the run's DDPM) or exact (the "
-                        f"training set's closed-form eps*, exact_score.py)")
-
-
 def score_model(cfg, device, classes=None) -> ExactEps:
     """The exact eps* of a run's training set (restricted to the labels in ``classes`` if given),
-    in the run's output parameterisation, on ``device``."""
+    in the run's output parameterisation, on ``device``: a drop-in for the run's DDPM
+    (sample.setup's ``models``)."""
     x, y = training_set(cfg)
     if classes is not None:
         x = x[torch.isin(y, torch.as_tensor(list(classes)))]
@@ -285,34 +291,118 @@ def score_model(cfg, device, classes=None) -> ExactEps:
 
 
 def classifier(cfg, device) -> ExactClassifier:
-    """The exact noisy classifier p*(y | x_t) of a run's training set (circles: left = 0, right = 1)."""
+    """The exact noisy classifier p*(y | x_t) of a run's training set (circles: left = 0, right = 1),
+    a drop-in for its guidance classifier (sample.setup's ``classifier``)."""
     x, y = training_set(cfg)
     return ExactClassifier(x, y, 2, alphas_cumprod(cfg["diffusion"])).to(_float64_device(device))
 
 
-# evaluate.py's rows beside uncond / multi / multi_sn: "exact_<m>" is <m> with the exact score
-# eps* (§5.5 row (b) = exact_multi), "multi_exact" is multi-guidance with the exact classifier
-# p*(y | x_t), and "exact_multi_exact" uses both (row (c)).
-EXACT_PREFIX = "exact_"
+# name -> (score, guidance, classifier); "exact" is the closed form. The order is the table's:
+# learned score first, so that it reads (a) multi, (b) exact_multi, (c) exact_multi_exact.
+ROWS = {"uncond": ("learned", "none", None), "multi": ("learned", "multi", "classifier"),
+        "multi_sn": ("learned", "multi", "classifier_sn"), "multi_exact": ("learned", "multi", "exact"),
+        "exact_uncond": ("exact", "none", None), "exact_multi": ("exact", "multi", "classifier"),
+        "exact_multi_sn": ("exact", "multi", "classifier_sn"), "exact_multi_exact": ("exact", "multi", "exact")}
+DEFAULTS = C.SampleConfig(n=512, lambdas="30,30")  # evaluate.py's: 512 samples a row, lambda = [30, 30]
 
 
-def method_score(method: str) -> str:
-    return "exact" if method.startswith(EXACT_PREFIX) else "learned"
+def select_rows(run: str, rows=None, log=print) -> list:
+    """The rows to draw, in ROWS order. Named ones must have their classifier checkpoint (else a
+    one-line error); by default (None) every row whose checkpoints exist, the others noted."""
+    from checkpoint import ckpt_path
+    for r in rows or ():
+        if r not in ROWS:
+            raise UserError(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
+    chosen = [r for r in ROWS if rows is None or r in rows]
+    missing = [r for r in chosen if ROWS[r][2] not in (None, "exact")
+               and not os.path.exists(ckpt_path(run, ROWS[r][2]))]
+    if missing and rows is not None:
+        raise UserError(f"row(s) {', '.join(missing)} need a classifier checkpoint that {run} lacks; train "
+                        f"it with python train.py --out {run} --model classifier")
+    if missing:
+        log(f"skipped {', '.join(missing)}: no classifier checkpoint in {run}")
+    return [r for r in chosen if r not in missing]
 
 
-def eval_methods(base: dict) -> dict:
-    """{name: (guidance, classifier)} of the exact rows, built from evaluate.py's base methods."""
-    rows = dict(base, multi_exact=("multi", "exact"))
-    return {"multi_exact": ("multi", "exact"), **{EXACT_PREFIX + k: v for k, v in rows.items()}}
+def evaluate_rows(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambdas="30,30", steps=None,
+                  rows=None, device=None, resample=False, figures=True, out=None, log=print,
+                  sampler="ancestral", eta=0.0, guidance_at="xt") -> dict:
+    """Sample (or read back) every row, measure it as evaluate.py does, write ``<out>``'s files."""
+    from checkpoint import from_uint8, pick_device
+    from evaluate import classifier_heatmaps, method_samples, metrics_of, summarize
+    from figures import plot_heatmaps, plot_histograms
+    from sample import load_ddpm, save_grid
+    from toy_circles import training_edges
+    device = device or pick_device()
+    learned = load_ddpm(run, device)
+    cfg = learned[1]
+    if cfg["data"].dataset != "circles":
+        raise UserError(f"lab.exact_score measures circles runs; {run} holds {cfg['data'].dataset}")
+    rows = select_rows(run, rows, log)
+    eps_star = score_model(cfg, device) if any(ROWS[r][0] == "exact" for r in rows) else None
+    p_star = classifier(cfg, device) if any(ROWS[r][2] == "exact" for r in rows) else None
+    out = out or os.path.join(run, "exact_score")
+    ensure_writable_dir(out)
+    stats, metrics = {}, {}
+    for r in rows:
+        score, guidance, clf = ROWS[r]
+        key = ({"score": "exact"} if score == "exact" else {}) | ({"classifier": "exact"} if clf == "exact" else {})
+        images, seconds, cached = method_samples(
+            run, r, n, batch_size, seed, lambdas, steps, device, (eps_star, cfg) if score == "exact" else learned,
+            resample, sampler, eta, guidance_at, spec=(guidance, p_star if clf == "exact" else clf), key=key)
+        log(f"{r}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
+        stats[r] = summarize(images)
+        metrics[r] = dict(metrics_of(stats[r]), sample_seconds=seconds, sampler=sampler, eta=eta,
+                          guidance_at=guidance_at if clf else "xt", score=score, classifier=clf)
+        if figures:
+            save_grid(from_uint8(images[:64]), os.path.join(out, f"grid_{r}.png"), marks=True,
+                      delta=cfg["data"].delta, edges=training_edges(cfg["data"].bands, cfg["data"].delta))
+    if figures:
+        plot_histograms(stats, os.path.join(out, "hist_z.png"), cfg["data"].delta)
+        heats = classifier_heatmaps(run, cfg, device, [("exact", p_star or classifier(cfg, device))])
+        plot_heatmaps(heats, os.path.join(out, "heatmap_classifiers.png"), cfg["data"].delta)
+    with open(os.path.join(out, "exact_score.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
 
 
-def expand_methods(methods: list, score: str = "learned", clf: str | None = None) -> list:
-    """The default rows plus their exact-score versions (--score exact) and the exact classifier's
-    rows (--classifier exact), learned rows first so that the table reads (a), (b), (c)."""
-    out = list(methods)
-    if clf == "exact" and "multi_exact" not in out:
-        out.append("multi_exact")
-    if score == "exact":
-        out += [EXACT_PREFIX + m for m in list(out) if not m.startswith(EXACT_PREFIX)
-                and EXACT_PREFIX + m not in out]
-    return out
+def build_parser():
+    from sample import add_sample_args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sample_args(p, only=("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta",
+                             "guidance_at"), defaults=DEFAULTS,
+                    title="sampling (config.SampleConfig; --n per row, --lambdas of the guided rows)")
+    g = p.add_argument_group("exact score")
+    g.add_argument("--rows", default=None, help=f"comma-separated, from {','.join(ROWS)} (default: every row "
+                                                "whose classifier checkpoint exists)")
+    g.add_argument("--resample", action="store_true", help="ignore cached eval_*.npz samples")
+    g.add_argument("--out", default=None, help="output folder (default: <run>/exact_score)")
+    return p
+
+
+def main(argv=None):
+    from checkpoint import pick_device
+    from evaluate import format_table
+    from sample import check_sampler, sample_config
+    a = build_parser().parse_args(argv)
+    s, typed = sample_config(a, DEFAULTS)
+    check_sampler(s.sampler, s.eta, s.guidance_at)
+    if s.n < 1 or s.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    rows = None if a.rows is None else [r.strip() for r in a.rows.split(",") if r.strip()]
+    if rows is not None and set(rows) <= set(ROWS) and all(ROWS[r][1] == "none" for r in rows):
+        given = [f for f in ("lambdas", "guidance_at") if f in typed]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} only applies to the guided rows "
+                            f"({', '.join(r for r in ROWS if ROWS[r][1] != 'none')})")
+    t0 = time.time()
+    metrics = evaluate_rows(s.run, s.n, s.batch_size, s.seed, s.lambdas, s.steps or None, rows,
+                            pick_device(s.device), a.resample, out=a.out, sampler=s.sampler, eta=s.eta,
+                            guidance_at=s.guidance_at)
+    print(format_table(metrics))
+    print(f"evaluated in {time.time() - t0:.0f} s; wrote exact_score.json, grid_*.png, hist_z.png and "
+          f"heatmap_classifiers.png in {a.out or os.path.join(s.run, 'exact_score')}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,7 +1,7 @@
 """Attribute editing without mild training examples (App. N), the circles version.
 
-    python edit.py --run runs/circles --out runs/circles/edit --n 32 --target 1 --scale 30
-    python edit.py --run runs/circles --out runs/circles/edit0 --n 32 --scale 0     # control
+    python -m lab.edit --run runs/circles --out runs/circles/edit --n 32 --target 1 --scale 30
+    python -m lab.edit --run runs/circles --out runs/circles/edit0 --n 32 --scale 0     # control
 
 App. N: map a real image to a DDPM latent with deterministic DDIM inversion over half of the steps
 (2000 of 4000), then denoise it with ordinary classifier guidance (§2.2, strength 30) towards the
@@ -36,7 +36,7 @@ import torch
 import config as C
 from checkpoint import UserError, cli, ensure_writable_dir, pick_device, to_uint8
 from diffusion import GaussianDiffusion
-from interpolate import circle_pairs, invert
+from lab.interpolate import circle_pairs, invert
 
 
 def eta_schedule(start_step: int, eta_start: float = 1.0):
@@ -82,7 +82,7 @@ DEFAULTS = C.SampleConfig(n=32, target=1)  # 32 left-band discs, edited towards 
 
 
 def build_parser():
-    from interpolate import add_inversion_args
+    from lab.interpolate import add_inversion_args
     from sample import add_sample_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sample_args(p, only=("run", "n", "seed", "steps", "device", "scale", "target", "classifier"),
@@ -103,7 +103,7 @@ def check_args(a, s) -> None:
     if not 0 < a.depth <= 1:
         raise UserError(f"--depth {a.depth} is outside (0, 1]; 0.5 inverts half of the steps, 1 all")
     if not 0 <= a.eta_start <= 1:
-        raise UserError(f"--eta-start {a.eta_start} is outside [0, 1] (DDIM's eta, Eq. 16 of Song et al.)")
+        raise UserError(f"--eta-start {a.eta_start} is outside [0, 1] (DDIM's eta, DDIM Eq. 16)")
 
 
 def main(argv=None):
@@ -115,7 +115,7 @@ def main(argv=None):
     device = pick_device(s.device)
     model, cfg = load_ddpm(s.run, device)
     if cfg["data"].dataset != "circles":
-        raise UserError(f"edit.py edits left-band circles; {s.run} holds {cfg['data'].dataset}")
+        raise UserError(f"lab.edit edits left-band circles; {s.run} holds {cfg['data'].dataset}")
     guide = None
     if s.scale != 0:  # lambda = 0 is the control: no classifier, the same noise
         clf = load_classifier(s.run, s.classifier, device, cfg)

@@ -1,6 +1,6 @@
 """Interpolation between DDIM latents (App. M), the circles version.
 
-    python interpolate.py --run runs/circles --out runs/circles/interp --n 32 --frames 9
+    python -m lab.interpolate --run runs/circles --out runs/circles/interp --n 32 --frames 9
 
 App. M: map two real images to latents with deterministic DDIM inversion (the paper inverts 2000 of
 4000 steps, i.e. half way), interpolate the latents with spherical linear interpolation (slerp),
@@ -147,7 +147,7 @@ def main(argv=None):
     device = pick_device(s.device)
     model, cfg = load_ddpm(s.run, device)
     if cfg["data"].dataset != "circles":
-        raise UserError(f"interpolate.py pairs left/right circles; {s.run} holds {cfg['data'].dataset}")
+        raise UserError(f"lab.interpolate pairs left/right circles; {s.run} holds {cfg['data'].dataset}")
     dcfg, delta = cfg["diffusion"], cfg["data"].delta
     diffusion = GaussianDiffusion.from_config(dcfg, respaced=True, steps=s.steps or None).to(device)
     step = max(1, math.ceil(a.depth * (diffusion.T - 1)))

@@ -44,14 +44,26 @@ particles are equally weighted draws. Resampling makes duplicates: a system's N 
 correlated, which ``survivors`` (distinct initial particles left) measures. Ancestral sampling with
 guidance at x_t only: DDIM has no Gaussian proposal of this form at eta = 0, and guidance at mu
 is not the gradient of the twist at x_t.
+
+    python -m lab.smc --run runs/circles --guidance multi --particles 8 --n 64
+    python -m lab.smc --run runs/circles --guidance single --target 1 --particles 8
+
+--n samples = n / N systems of N particles (the last one holds the remainder), all returned.
+Single guidance: one target per system (alternating over systems when --target is -1). Writes
+``<out>/samples_<guidance>_<classifier>_smc<N>.npz`` (sample.py's fields plus particles, ess and
+the resampling summary smc_info, merge_info's) and its PNG grid; --out defaults to the run.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import time
 
 import torch
 
-from checkpoint import UserError
+import config as C
+from checkpoint import UserError, cli
 
 
 def ess(logw: torch.Tensor) -> torch.Tensor:
@@ -90,24 +102,17 @@ def smc_step(diffusion, model, twist, x, i: int, logv, g, clip_denoised=True, ge
     return x_new, logv_new, g_new, log_p_over_q + logv_new - logv
 
 
-def check_smc(particles: int, ess_threshold: float, guidance: str, sampler: str = "ancestral",
-              guidance_at: str = "xt") -> None:
-    """One-line errors for the SMC knobs (config.SampleConfig.smc_particles, smc_ess)."""
+def check_smc(particles: int, ess_threshold: float, guidance: str) -> None:
+    """One-line errors for the SMC knobs."""
     if particles < 1:
-        raise UserError(f"--smc-particles {particles}: use 1 or more particles per system "
-                        "(1 is plain guidance; drop the flag for the plain sampler)")
-    if guidance == "none":
-        raise UserError("--smc-particles weights particles by the guidance classifiers; add "
-                        "--guidance multi (or single), or drop --smc-particles")
-    if sampler != "ancestral":
-        raise UserError(f"--smc-particles supports --sampler ancestral only (its proposal is the "
-                        f"guided Gaussian step), not {sampler}; drop --sampler {sampler}")
-    if guidance_at != "xt":
-        raise UserError("--smc-particles needs --guidance-at xt (the proposal's shift must be the "
-                        "twist's gradient at x_t); drop --guidance-at mu")
+        raise UserError(f"--particles {particles}: use 1 or more particles per system "
+                        "(1 is plain guidance: sample.py draws the same)")
+    if guidance not in ("single", "multi"):
+        raise UserError(f"SMC weights particles by the guidance classifiers, which --guidance {guidance} "
+                        "does not use; use --guidance multi (or single)")
     if not 0.0 <= ess_threshold <= 1.0:
-        raise UserError(f"--smc-ess {ess_threshold} is outside [0, 1]; a system resamples when its "
-                        "ESS < smc_ess * particles (0: only at the end, 1: every step)")
+        raise UserError(f"--ess {ess_threshold} is outside [0, 1]; a system resamples when its "
+                        "ESS < ess * particles (0: only at the end, 1: every step)")
 
 
 @torch.no_grad()
@@ -187,3 +192,96 @@ def merge_info(infos: list[dict]) -> dict:
             "system_steps": sum(i["system_steps"] for i in infos),
             "final_ess": avg("final_ess"), "survivors": avg("survivors"),
             "min_ess": min(min(i["ess_trace"], default=math.nan) for i in infos)}
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's networks (sample.setup) sampled with SMC, and the CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare(run: str, device=None, steps: int | None = None, guidance: str = "multi",
+            lambdas: str | None = None, scale: float = 30.0, target: int | None = None,
+            classifier="classifier", models=None, particles: int = 8, ess_threshold: float = 0.5):
+    """sample.prepare's ``draw(n, batch_size, seed=0, progress=False)`` with twisted SMC: n samples
+    = ceil(n / particles) systems, all particles returned, as many whole systems per batch as
+    ``batch_size`` holds (at least one). ``draw.smc_info`` holds the last call's resampling
+    summary (merge_info). The arguments are sample.setup's (ancestral steps, guidance at x_t)."""
+    from guidance import single_guidance
+    from sample import setup
+    check_smc(particles, ess_threshold, guidance)
+    p = setup(run, device, steps, guidance, lambdas, scale, target, classifier, models)
+    N = particles
+
+    def draw(n: int, batch_size: int = C.SampleConfig.batch_size, seed: int = 0, progress: bool = False):
+        gen = torch.Generator(device=p.device).manual_seed(seed)
+        resample_gen = torch.Generator().manual_seed(seed)
+        sizes = [N] * (n // N) + ([n % N] if n % N else [])
+        per_batch = max(1, batch_size // N)
+        out, infos, done = [], [], 0
+        while done < len(sizes):
+            k = sizes[done]
+            s = min(per_batch, sum(1 for m in sizes[done:] if m == k))   # systems of equal size
+            if guidance == "single":
+                y = (torch.full((s,), target) if target is not None
+                     else torch.arange(done, done + s) % p.clf.num_classes).repeat_interleave(k)
+                twist = single_guidance(p.clf, y.to(p.device), scale).value_and_grad
+            else:
+                twist = p.guide.value_and_grad
+            x, info = smc_sample(p.diffusion, p.model, twist, s, k, p.shape, p.dcfg.clip_denoised, gen,
+                                 resample_gen, p.device, ess_threshold, progress)
+            out.append(x.cpu())
+            infos.append(info)
+            done += s
+        draw.smc_info = merge_info(infos)
+        return torch.cat(out)
+
+    draw.smc_info = {}
+    return draw
+
+
+DEFAULTS = C.SampleConfig(guidance="multi")
+
+
+def build_parser():
+    from sample import add_output_args, add_sample_args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("twisted SMC")
+    g.add_argument("--guidance", default=None, help="single (§2.2) | multi (§4.2, Eq. 2; default)")
+    g.add_argument("--particles", type=int, default=8, help="particles per system (default 8)")
+    g.add_argument("--ess", type=float, default=0.5,
+                   help="a system resamples (systematic) when its ESS < ess * particles (default 0.5)")
+    add_sample_args(p, only=("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "scale", "target",
+                             "classifier"), defaults=DEFAULTS)
+    add_output_args(p)
+    return p
+
+
+def main(argv=None):
+    from checkpoint import pick_device
+    from sample import check_guidance_flags, default_tag, load_ddpm, output_paths, sample_config, \
+        sample_settings, save_samples
+    a = build_parser().parse_args(argv)
+    s, typed = sample_config(a, DEFAULTS)
+    check_smc(a.particles, a.ess, s.guidance)  # before anything slow
+    check_guidance_flags(s.guidance, typed)
+    if s.n < 1 or s.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    device = pick_device(s.device)
+    models = load_ddpm(s.run, device)  # first, so a missing run is reported before --out is created
+    draw = prepare(s.run, device, s.steps or None, s.guidance, s.lambdas, s.scale,
+                   None if s.target == -1 else s.target, s.classifier, models, a.particles, a.ess)
+    npz, png = output_paths(a.out or s.run, a.tag or f"{default_tag(s)}_smc{a.particles}", a.overwrite)
+    t0 = time.time()
+    x = draw(s.n, s.batch_size, s.seed, progress=True)
+    dt = time.time() - t0
+    i = draw.smc_info
+    save_samples(npz, png, x, models[1]["data"], **sample_settings(s), smc_particles=a.particles, smc_ess=a.ess,
+                 smc_info=json.dumps(i))
+    print(f"SMC: {i['systems']} systems x {a.particles} particles; resampled {i['resampled']} of "
+          f"{i['system_steps']} system-steps (ESS < {a.ess:g} N), lowest mean ESS {i['min_ess']:.2f} N, "
+          f"final ESS {i['final_ess']:.2f} N, {i['survivors']:.1f} distinct initial particles per system")
+    print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
+
+
+if __name__ == "__main__":
+    cli(main)
