@@ -43,7 +43,8 @@ from PIL import Image
 
 import config as C
 # to_uint8 is the file boundary of checkpoint.py; kept importable as `from sample import to_uint8`.
-from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pick_device, to_uint8
+from checkpoint import (UserError, cli, ensure_writable_dir, load_checkpoint, load_weights, pick_device,
+                        to_uint8)
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from classifier_free import check_cfg_flags, guided_model
@@ -68,7 +69,7 @@ def load_ddpm(run: str, device, use_ema: bool = True):
     ck = load_checkpoint(run, "ddpm")
     cfg = C.from_dict(ck["config"])
     model = build_model(cfg)
-    model.load_state_dict(ck["ema" if use_ema else "model"])
+    load_weights(model, ck.get("ema" if use_ema else "model"), os.path.join(run, "ddpm.pt"), ck)
     return inference_layout(model, device), cfg
 
 
@@ -98,7 +99,7 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
             raise UserError(f"{name} was trained for another noise schedule than the DDPM; retrain it")
     model = NoisyClassifier.from_config(cfg["data"], cfg["classifier"], ck["num_classes"],
                                         spectral=ck["spectral_norm"])
-    model.load_state_dict(ck["model"])
+    load_weights(model, ck["model"], os.path.join(run, f"{name}.pt"), ck)
     return inference_layout(model, device)
 
 
@@ -328,16 +329,20 @@ def main(argv=None):
         raise UserError(f"{existing[0]} already exists; pass --tag NAME to write beside it "
                         f"or --overwrite to replace it")
     ensure_writable_dir(out)
+    from rundir import remove_stale_temps, save_npz
+    for d in {s.run, out}:
+        remove_stale_temps(d)
     t0 = time.time()
     x = draw(s.n, s.batch_size, s.seed, progress=True)
     dt = time.time() - t0
     guided, clf_guided = s.guidance != "none", s.guidance in ("single", "multi")
-    np.savez_compressed(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed,
-                        lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
-                        classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
-                        guidance_at=s.guidance_at if clf_guided else "", score=s.score,
-                        smc_particles=s.smc_particles, smc_ess=s.smc_ess if s.smc_particles else 0.0,
-                        smc_info=json.dumps(draw.smc_info), cfg_form=s.cfg_form if s.guidance == "cfg" else "")
+    save_npz(npz, images=to_uint8(x), guidance=s.guidance, seed=s.seed, batch_size=s.batch_size,
+             device=torch.device(device).type,
+             lambdas=(s.lambdas or "") if guided else "", scale=s.scale if guided else 0.0,
+             classifier=s.classifier if clf_guided else "", sampler=s.sampler, eta=s.eta,
+             guidance_at=s.guidance_at if clf_guided else "", score=s.score,
+             smc_particles=s.smc_particles, smc_ess=s.smc_ess if s.smc_particles else 0.0,
+             smc_info=json.dumps(draw.smc_info), cfg_form=s.cfg_form if s.guidance == "cfg" else "")
     data_cfg = models[1]["data"]
     circles = data_cfg.dataset == "circles"
     from toy_circles import training_edges
