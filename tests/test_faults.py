@@ -96,6 +96,19 @@ def test_checkpoints_hold_plain_values_and_name_their_code(base_run):
         assert ck["meta"]["code"].startswith(git.stdout.strip())
 
 
+def test_checkpoints_of_the_earlier_code_still_load(run):
+    """They stored torch.__version__ itself (a TorchVersion, a str subclass) in meta."""
+    path = os.path.join(run, "ddpm.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["meta"]["torch"] = torch.__version__
+    del ck["meta"]["code"]
+    torch.save(ck, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)               # what a bare weights_only load says
+    assert load_checkpoint(run, "ddpm")["meta"]["torch"] == str(torch.__version__)
+    assert sample.generate(run, n=2, batch_size=2, steps=2, device="cpu").shape == (2, 1, 16, 16)
+
+
 # ----- divergence -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("every", [("--log-every", "1", "--save-every", "50"),
