@@ -147,9 +147,10 @@ def write_failed(path: str, e: BaseException, what: str = "") -> UserError:
     full = isinstance(e, RuntimeError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     text = str(e).strip()
     reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    again = "run again (train.py: with --resume)" if what == "checkpoint" else "run the command again"
     return UserError(f"cannot write {what + ' ' if what else ''}{path}: "
                      f"{'disk full? ' if full else ''}({reason[:160]}{free}); any previous {os.path.basename(path)} "
-                     "is intact; free some space and run the command again")
+                     f"is intact; free some space and {again}")
 
 
 def save_atomic(obj, path: str) -> None:
