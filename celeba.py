@@ -8,11 +8,16 @@ integer per line indexing the train partition (index i <-> file ``{i+1:06d}.jpg`
 CelebA's train partition is the contiguous files 000001..162770). ``data_filter.py`` will write
 such lists; this module reads them.
 
-Expected layout of ``DIR`` (CelebA's own file names):
-  DIR/img_align_celeba/000001.jpg ...   178x218 aligned and cropped faces (not the in-the-wild set)
-  DIR/list_attr_celeba.txt              line 1: image count; line 2: the 40 attribute names;
-                                        then ``000001.jpg  -1  1 ...`` (-1/1 -> 0/1 here)
-  DIR/list_eval_partition.txt           ``000001.jpg 0`` (0 train, 1 valid, 2 test)
+Layouts of ``DIR`` accepted (``LAYOUTS``), as CelebA is found on users' disks:
+  CelebA's own    DIR/img_align_celeba/000001.jpg ...   178x218 aligned and cropped faces
+                  DIR/list_attr_celeba.txt              line 1: image count; line 2: the 40 attribute
+                                                        names; then ``000001.jpg  -1  1 ...``
+                  DIR/list_eval_partition.txt           ``000001.jpg 0`` (0 train, 1 valid, 2 test)
+  torchvision's   the same inside DIR/celeba/ (torchvision.datasets.CelebA's root is DIR)
+  Kaggle's        DIR/img_align_celeba/img_align_celeba/000001.jpg ...,
+                  DIR/list_attr_celeba.csv (``image_id,5_o_Clock_Shadow,...`` then
+                  ``000001.jpg,-1,1,...``), DIR/list_eval_partition.csv (``image_id,partition``)
+Each part is looked up in every layout (``_find``); labels -1/1 become 0/1 here.
 
 Preprocessing (the authors' 64 px pipeline): a centred 178x178 square taking rows 20..197
 inclusive (``img[20:198]``, full width), then PIL's antialiased bicubic resize
@@ -23,7 +28,8 @@ downscale factor, so it averages over the source pixels instead of aliasing) to 
 Decoded cache: JPEG decoding costs minutes per epoch of 162,770 images on a laptop, so every image of a split is decoded ONCE into ``<tag>_<split>_<size>px.npy``
 (uint8 [N, S, S, 3], ~2 GB for the train split at 64 px) and memory-mapped afterwards. A JSON
 sidecar records the size, split, file count, preprocessing version and a fingerprint of the
-source; the cache is rebuilt when any of it differs (see ``source_fingerprint``).
+source (size and mtime of every image of the split and of both lists); the cache is rebuilt when
+any of it differs (see ``source_fingerprint``).
 """
 from __future__ import annotations
 
@@ -42,6 +48,12 @@ from checkpoint import UserError, atomic_path, cli, from_uint8, write_bytes_atom
 ATTR_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 IMAGE_DIR = "img_align_celeba"
+# (name, image folder, attribute list, partition list), relative to DIR; see the module doc.
+LAYOUTS = (
+    ("CelebA's own", IMAGE_DIR, ATTR_FILE, PARTITION_FILE),
+    ("torchvision's", f"celeba/{IMAGE_DIR}", f"celeba/{ATTR_FILE}", f"celeba/{PARTITION_FILE}"),
+    ("Kaggle's", f"{IMAGE_DIR}/{IMAGE_DIR}", "list_attr_celeba.csv", "list_eval_partition.csv"),
+)
 SPLITS = {"train": 0, "valid": 1, "test": 2, "all": None}
 SOURCE_SIZE = (178, 218)           # (width, height) of img_align_celeba
 CROP_ROWS = (20, 198)              # rows 20..197 inclusive: the centred 178x178 square
@@ -52,13 +64,43 @@ GET_IT = (f"download CelebA's img_align_celeba.zip (extract it), {ATTR_FILE} and
 
 # ----- the list files ---------------------------------------------------------------------------
 
-def _require_file(data_dir: str, name: str) -> str:
+def _layouts_text() -> str:
+    """The three accepted layouts in one line (for errors)."""
+    return "; ".join(f"{name}: DIR/{images}/, DIR/{attr}, DIR/{part}" for name, images, attr, part in LAYOUTS)
+
+
+def _find(data_dir: str, part: int) -> str:
+    """The path of part 0 (image folder), 1 (attribute list) or 2 (partition list) in whichever
+    accepted layout has it; else a one-line error naming the accepted layouts."""
     if not os.path.isdir(data_dir):
         raise UserError(f"CelebA folder {data_dir!r} does not exist; {GET_IT} {data_dir}")
-    path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        raise UserError(f"{name} is missing from {data_dir!r}; {GET_IT} {data_dir}")
-    return path
+    exists = os.path.isdir if part == 0 else os.path.isfile
+    # The deepest path first: Kaggle's image folder sits inside one named like CelebA's own.
+    for rel in sorted((layout[1 + part] for layout in LAYOUTS), key=lambda r: -r.count("/")):
+        path = os.path.join(data_dir, rel)
+        if exists(path):
+            return path
+    name = (IMAGE_DIR + "/", ATTR_FILE, PARTITION_FILE)[part]
+    fix = (f"extract {IMAGE_DIR}.zip into {data_dir}" if part == 0 else f"{GET_IT} {data_dir}")
+    raise UserError(f"{name} is missing from {data_dir!r}; {fix}; the accepted layouts are "
+                    f"{_layouts_text()}")
+
+
+def _require_file(data_dir: str, name: str) -> str:
+    """The attribute or partition list (``ATTR_FILE`` / ``PARTITION_FILE``), in any layout."""
+    return _find(data_dir, 1 if name == ATTR_FILE else 2)
+
+
+def _table(path: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header or None, [(line number, fields)]) of a list file: whitespace-separated (CelebA's
+    .txt, no header) or comma-separated with a header row (Kaggle's .csv)."""
+    lines = _lines(path)
+    if not path.endswith(".csv"):
+        return None, [(k, line.split()) for k, line in enumerate(lines, start=1) if line.strip()]
+    rows = [(k, [f.strip() for f in line.split(",")]) for k, line in enumerate(lines, start=1) if line.strip()]
+    if not rows or rows[0][1][0].lstrip("\ufeff") != "image_id":
+        raise UserError(f"{path} does not start with an 'image_id,...' header row; download it again")
+    return rows[0][1], rows[1:]
 
 
 def _lines(path: str) -> list[str]:
@@ -69,11 +111,15 @@ def _lines(path: str) -> list[str]:
 def read_attributes(data_dir: str):
     """Return (40 attribute names, file names, int8 [N, 40] array with CelebA's -1/1 as 0/1)."""
     path = _require_file(data_dir, ATTR_FILE)
-    lines = _lines(path)
-    if len(lines) < 2:
-        raise UserError(f"{path} is truncated (no attribute-name line); download it again")
-    names = lines[1].split()
-    rows = [(k + 1, line.split()) for k, line in enumerate(lines) if k >= 2 and line.strip()]
+    header, table = _table(path)
+    if header is not None:  # Kaggle's csv: the names are the header after image_id
+        names, rows, announced = header[1:], table, None
+    else:
+        lines = _lines(path)
+        if len(lines) < 2:
+            raise UserError(f"{path} is truncated (no attribute-name line); download it again")
+        names, announced = lines[1].split(), lines[0].strip()
+        rows = [(k, r) for k, r in table if k > 2]
     bad = next((k for k, r in rows if len(r) != len(names) + 1), None)
     if bad is not None:
         raise UserError(f"{path} line {bad}: expected a file name and {len(names)} values of "
@@ -85,8 +131,8 @@ def read_attributes(data_dir: str):
         values = np.zeros(0)
     if values.size != len(rows) * len(names) or not np.isin(values, (-1, 1)).all():
         raise UserError(f"{path} holds values other than -1/1; download the file again")
-    if lines[0].strip().isdigit() and int(lines[0]) != len(files):
-        raise UserError(f"{path} announces {int(lines[0])} images on line 1 but lists "
+    if announced and announced.isdigit() and int(announced) != len(files):
+        raise UserError(f"{path} announces {int(announced)} images on line 1 but lists "
                         f"{len(files)}; download the file again")
     return names, files, ((values + 1) // 2).astype(np.int8)
 
@@ -94,12 +140,9 @@ def read_attributes(data_dir: str):
 def _read_partition_file(data_dir: str):
     path = _require_file(data_dir, PARTITION_FILE)
     files, parts = [], []
-    for k, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        r = line.split()
+    for k, r in _table(path)[1]:
         if len(r) != 2 or r[1] not in ("0", "1", "2"):
-            raise UserError(f"{path} line {k}: expected 'NNNNNN.jpg 0|1|2', got {line.strip()!r}; "
+            raise UserError(f"{path} line {k}: expected 'NNNNNN.jpg 0|1|2', got {' '.join(r)!r}; "
                             "download the file again")
         files.append(r[0])
         parts.append(int(r[1]))
@@ -186,11 +229,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
 # ----- the decoded cache ------------------------------------------------------------------------
 
 def _image_dir(data_dir: str) -> str:
-    d = os.path.join(data_dir, IMAGE_DIR)
-    if not os.path.isdir(d):
-        raise UserError(f"{IMAGE_DIR}/ is missing from {data_dir!r}; extract {IMAGE_DIR}.zip "
-                        f"into {data_dir}")
-    return d
+    return _find(data_dir, 0)
 
 
 def _stat(path: str) -> list[int]:
@@ -202,21 +241,17 @@ def _stat(path: str) -> list[int]:
 
 
 def source_fingerprint(data_dir: str, files: list[str]) -> dict:
-    """Cheap summary of the source that changes when the data does, without reading any image.
-
-    Size + mtime of both list files; the image folder's mtime (it changes when a file is added,
-    removed or replaced by rename) and its .jpg count; size + mtime of the split's first and last
-    images and of 14 evenly spaced ones. Not detected: an image rewritten in place in the middle
-    of the split without touching the folder (delete the cache to force a rebuild)."""
+    """Cheap summary of the source that changes when the data does, without reading any image:
+    size + mtime of both list files and of every image of the split (one stat each, hashed)."""
     img_dir = _image_dir(data_dir)
-    with os.scandir(img_dir) as it:
-        count = sum(1 for e in it if e.name.endswith(".jpg"))
-    picks = sorted({files[int(round(k))] for k in np.linspace(0, len(files) - 1, 16)}) if files else []
+    h = hashlib.sha1()
+    for f in files:
+        size, mtime = _stat(os.path.join(img_dir, f))
+        h.update(f"{f}\t{size}\t{mtime}\n".encode())
     return {
-        "attr": _stat(os.path.join(data_dir, ATTR_FILE)),
-        "partition": _stat(os.path.join(data_dir, PARTITION_FILE)),
-        "image_dir": [count, os.stat(img_dir).st_mtime_ns],
-        "images": {f: _stat(os.path.join(img_dir, f)) for f in picks},
+        "attr": _stat(_require_file(data_dir, ATTR_FILE)),
+        "partition": _stat(_require_file(data_dir, PARTITION_FILE)),
+        "images": [len(files), h.hexdigest()],
     }
 
 
@@ -273,6 +308,8 @@ def load_split(data_dir: str, split: str, size: int, files: list[str], rows: np.
         return arr
     try:
         os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
+        from rundir import remove_stale_temps
+        remove_stale_temps(os.path.dirname(os.path.abspath(npy)))  # a killed decode's partial .npy
         img_dir = _image_dir(data_dir)
         _decode_into(npy, [os.path.join(img_dir, f) for f in split_files], size,
                      f"decoding CelebA {split} at {size}px (once)", progress)

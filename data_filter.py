@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import numpy as np
 
 import config as C
 from checkpoint import UserError, cli, ensure_writable_dir, pick_device
+from rundir import write_json
 from config import knob
 from eval_classifier import (EvalClassifier, arch_of, eval_path, logits_of, probs_of,
                              train_clean_classifier, train_eval_classifier, true_latent)
@@ -295,9 +295,7 @@ def write_outputs(out: str, index: np.ndarray, result: dict, oversample) -> list
     written.append(os.path.join(out, "index.txt"))
     write_index_list(written[-1], index[index_list(*lists[big], oversample)])
     written.append(os.path.join(out, "filter_summary.json"))
-    with open(written[-1] + ".tmp", "w") as f:
-        json.dump(result["summary"], f, indent=1)
-    os.replace(written[-1] + ".tmp", written[-1])
+    write_json(written[-1], result["summary"], indent=1)
     written.append(plot_hist(os.path.join(out, "filter_hist.png"), result["p_eval"],
                              np.concatenate(lists[big]), result["summary"]["attribute"], big))
     return written
@@ -330,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "A against B, e.g. Blond_Hair/Black_Hair (§5.4: faces with neither are left out)")
     p.add_argument("--out", default=None, help="output folder (default runs/filter_<attribute>)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="default: paper on CUDA, cpu otherwise")
+                   help="default: cpu on every device (paper: the authors' sizes, for a GPU)")
     p.add_argument("--device", default=None, help="cuda | cuda:N | mps | cpu (default: best available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     C.add_dataclass_args(p, FilterConfig, title="classifiers (FilterConfig, cpu preset)")
@@ -377,7 +375,7 @@ def main(argv=None):
         raise UserError(f"--attribute {args.attribute}: the filter takes one attribute; run it "
                         "once per attribute")
     device = pick_device(args.device)
-    preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
+    preset = args.preset or "cpu"  # as train.py: the paper's sizes only when asked for
     overrides = C.overrides_from_args(args, [FilterConfig, SelectConfig])
     fcfg, scfg = make_configs(preset, **overrides)
     check_select(scfg)

@@ -25,7 +25,8 @@ stand-in's classifier ranks best and is already calibrated, with T close to the 
 Smiling (why: RESULTS.md#faces_pipeline).
 
 Checkpoint ``<filter_dir>/eval_<Attribute>.pt`` (``eval_path``): one dict {kind="eval_classifier",
-model, arch, image_size, channels, num_classes, attribute, temperature, metrics, data_dir}.
+model, arch, image_size, channels, num_classes, attribute, temperature, metrics, data_dir, meta}, plain
+values and tensors only, read with ``checkpoint.safe_load`` (weights_only: nothing in it can run).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError, from_uint8, save_atomic
+from checkpoint import UserError, from_uint8, load_weights, safe_load, save_checkpoint, versions
 from classifier import NoisyClassifier
 from trainer import lr_at  # the project's one warm-up + cosine schedule
 
@@ -230,9 +231,9 @@ def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: 
     def predict(images_u8) -> np.ndarray:
         return logits_of(model, images_u8, device)[:, 0]
 
-    ck = torch.load(path, map_location="cpu", weights_only=False) if path and os.path.isfile(path) else None
-    if ck is not None and ck.get("key") == key:
-        model.load_state_dict(ck["model"])
+    ck = safe_load(path, "delete it; it is retrained on the next run") if path and os.path.isfile(path) else None
+    if isinstance(ck, dict) and ck.get("key") == key:
+        load_weights(model, ck["model"], path, ck)
         model = model.to(device).eval()
         predict.quality = ck.get("quality", {})
         return predict
@@ -250,8 +251,8 @@ def zregressor(clf, data_dir: str, device, steps: int = ZREG_STEPS, batch_size: 
     except UserError:
         pass
     if path:
-        save_atomic({"kind": "zregressor", "key": key, "quality": quality,
-                     "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+        save_checkpoint({"kind": "zregressor", "key": key, "quality": quality, "meta": versions(),
+                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
     predict.quality = quality
     return predict
 
@@ -289,8 +290,9 @@ def train_eval_classifier(data_dir: str, attribute: str, size: int, out_path: st
         metrics["corr_true_z"] = float(np.corrcoef(probs_of(lt, T)[:, 1], z)[0, 1])
     ck = {"kind": KIND, "model": model.state_dict(), "arch": arch, "image_size": size,
           "channels": 3, "num_classes": 2, "attribute": attribute, "temperature": T,
-          "metrics": metrics, "data_dir": os.path.abspath(data_dir), "steps": cfg.eval_steps}
-    save_atomic(ck, out_path)
+          "metrics": metrics, "data_dir": os.path.abspath(data_dir), "steps": cfg.eval_steps,
+          "meta": versions()}
+    save_checkpoint(ck, out_path)
     return EvalClassifier(model, ck)
 
 
@@ -314,16 +316,12 @@ class EvalClassifier:
             raise UserError(f"no evaluation classifier at {path}; train it with python "
                             "data_filter.py --data-dir DIR --attribute ATTR --out "
                             f"{os.path.dirname(path) or '.'}")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or foreign file
-            raise UserError(f"cannot read {path} ({type(e).__name__}); delete it and run "
-                            "data_filter.py again") from None
+        ck = safe_load(path, "delete it and run data_filter.py again")
         if not isinstance(ck, dict) or ck.get("kind") != KIND:
             raise UserError(f"{path} is not an evaluation classifier; delete it and run "
                             "data_filter.py again")
         model = NoisyClassifier(ck["image_size"], ck["channels"], ck["num_classes"], **ck["arch"])
-        model.load_state_dict(ck["model"])
+        load_weights(model, ck["model"], path, ck)
         return cls(model.to(torch.device(device or "cpu")), ck)
 
     def _input(self, x) -> torch.Tensor:

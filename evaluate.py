@@ -28,7 +28,7 @@ one-disc samples only (``hist_n`` of them; NaN when there are none):
 metrics.json: {method: {n, one_disc, blob, zero_disc, two_plus_disc, zero_or_two, speck, accuracy,
 middle_of_detected, hist_n, hist_mse, hist_kld, comb_2, comb_4, comb_8, comb_n (period-2, -4 and
 -8 strength of the middle columns, see comb_strength), column_counts {centre column: samples},
-sample_seconds, sampler, eta, guidance_at, classifier}}, fractions in [0, 1]. guidance_at (xt | mu,
+sample_seconds, batch_size, device, sampler, eta, guidance_at, classifier}}, fractions in [0, 1]. guidance_at (xt | mu,
 see diffusion.GaussianDiffusion.guidance_point) applies to the classifier-guided methods; uncond
 and cfg record xt. classifier is the guiding one (null for the unguided rows and cfg). The cfg row
 also records lambdas, cfg_form, cfg_lambda, cfg_class_weights, cfg_null_weight and
@@ -36,6 +36,8 @@ cfg_average_weight (classifier_free.describe).
 
 ``method_samples``, ``summarize`` and ``metrics_of`` are what other evaluations reuse (the lab's
 rows with a closed-form score or classifier, lab/exact_score.py).
+batch_size and device are recorded (and keyed in the cache) because the noise each sample gets
+depends on them: one seeded generator runs through the batches.
 """
 from __future__ import annotations
 
@@ -49,10 +51,11 @@ import numpy as np
 import torch
 
 import config as C
-from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
+from checkpoint import UserError, ckpt_path, ensure_writable_dir, from_uint8, to_uint8
 from detector import circle_stats, middle_comb
 from figures import plot_heatmaps, plot_histograms
 from histograms import hist_kld, hist_mse, histogram
+from rundir import load_npz, remove_stale_temps, save_npz, write_json
 from toy_circles import radius_for, render_disc, training_edges
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +89,8 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
     stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
         ([os.path.getmtime(ckpt_path(run, clf))] if isinstance(clf, str) else [])
     settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if guidance != "none" else None,
-                           "steps": steps, "stamp": stamp}
+                           "steps": steps, "stamp": stamp, "batch_size": batch_size,
+                           "device": torch.device(device).type}
                           # Entries only where they differ from the default: the key of ancestral
                           # samples guided at x_t stays what it is.
                           | ({"sampler": sampler, "eta": eta} if sampler != "ancestral" else {})
@@ -96,17 +100,16 @@ def method_samples(run, method, n, batch_size, seed, lambdas, steps, device, mod
     # One cache file per sampler, so that DDIM and ancestral samples of a method do not evict each other.
     tag = "" if sampler == "ancestral" else f"_ddim_eta{eta:g}"
     path = os.path.join(run, f"eval_{method}{tag}.npz")
-    if not resample and os.path.exists(path):
-        z = np.load(path)
-        if str(z["settings"]) == settings:
-            return z["images"], float(z["seconds"]), True
+    z = None if resample else load_npz(path)
+    if z is not None and str(z.get("settings")) == settings and "images" in z:
+        return z["images"], float(z.get("seconds", 0.0)), True
     t0 = time.time()
     x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas, classifier=clf or "classifier",
                  progress=True, models=models, sampler=sampler, eta=eta,
                  guidance_at=guidance_at if clf else "xt", cfg_form=cfg_form)
     seconds = time.time() - t0
     images = to_uint8(x)
-    np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
+    save_npz(path, images=images, settings=settings, seconds=seconds)
     return images, seconds, False
 
 
@@ -254,6 +257,7 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
     lambdas = lambdas or "30,30"
     device = device or pick_device()
     models = load_ddpm(run, device)  # first: a missing DDPM is the error to report
+    check_run_writable(run)
     cfg = models[1]
     if cfg["data"].dataset != "circles":
         raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
@@ -265,7 +269,8 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
                                                  models, resample, sampler, eta, guidance_at, cfg_form)
         log(f"{m}: {len(images)} samples {'read from cache' if cached else f'in {seconds:.0f} s'}")
         stats[m] = summarize(images)
-        metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds, sampler=sampler, eta=eta,
+        metrics[m] = dict(metrics_of(stats[m]), sample_seconds=seconds, batch_size=batch_size,
+                          device=torch.device(device).type, sampler=sampler, eta=eta,
                           guidance_at=guidance_at if METHODS[m][1] else "xt", classifier=METHODS[m][1])
         if METHODS[m][0] == "cfg":
             from classifier_free import describe
@@ -281,9 +286,16 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
         if heats:
             plot_heatmaps(heats, os.path.join(run, "heatmap_classifiers.png"), delta)
     if write_metrics:
-        with open(os.path.join(run, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(os.path.join(run, "metrics.json"), metrics)
     return metrics
+
+
+def check_run_writable(run: str) -> None:
+    """Before any sampling: the run takes the sample caches, metrics and figures (a read-only run
+    would lose the samples at the first write). Also removes an interrupted writer's temp files."""
+    ensure_writable_dir(run, "evaluation writes its samples, metrics.json and figures there: make it "
+                             "writable, or copy the run to a writable place")
+    remove_stale_temps(run)
 
 
 EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta", "guidance_at",

@@ -40,6 +40,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from config import SampleConfig
@@ -49,6 +50,7 @@ from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
 from histograms import hist_kld, hist_mse, histogram
 from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
+from rundir import load_npz, save_npz, write_json
 
 SAMPLE_BATCH = SampleConfig.batch_size
 METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
@@ -166,20 +168,21 @@ def cached_samples(run, tag, guidance, clf_name, n, batch_size, seed, lambdas, s
     from sample import generate
     stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
         ([os.path.getmtime(ckpt_path(run, clf_name))] if clf_name else [])
+    # Batch size and device decide each sample's noise (see evaluate.method_samples).
     settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if clf_name else None,
-                           "steps": steps, "stamp": stamp, "classifier": clf_name})
+                           "steps": steps, "stamp": stamp, "classifier": clf_name,
+                           "batch_size": batch_size, "device": torch.device(device).type})
     path = os.path.join(run, f"eval_{tag}.npz")
-    if not resample and os.path.exists(path):
-        z = np.load(path)
-        if str(z["settings"]) == settings:
-            log(f"{tag}: {n} samples read from {path}")
-            return z["images"], float(z["seconds"])
+    z = None if resample else load_npz(path, log)
+    if z is not None and str(z.get("settings")) == settings and "images" in z:
+        log(f"{tag}: {n} samples read from {path}")
+        return z["images"], float(z.get("seconds", 0.0))
     t0 = time.time()
     x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas,
                  classifier=clf_name or "classifier", progress=True, models=models)
     seconds = time.time() - t0
     images = to_uint8(x)
-    np.savez_compressed(path, images=images, settings=settings, seconds=seconds)
+    save_npz(path, images=images, settings=settings, seconds=seconds)
     log(f"{tag}: {n} samples in {seconds:.0f} s")
     return images, seconds
 
@@ -228,8 +231,10 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------
 
 def _setup(run, device, eval_classifier, zreg_steps, log):
+    from evaluate import check_run_writable
     from sample import load_ddpm
     models = load_ddpm(run, device)
+    check_run_writable(run)  # before any sampling or training of the z-regressor
     cfg = models[1]
     if cfg["data"].dataset != "celeba":
         raise UserError(f"evaluate_faces measures celeba runs; {run} holds {cfg['data'].dataset}")
@@ -279,7 +284,7 @@ def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, step
         images[m], seconds = cached_samples(run, m, guidance, clf_name, n, batch_size, seed, lambdas, steps,
                                             device, models, resample, log)
         metrics[m], probs[m] = measure(images[m], clfs, zregs)
-        metrics[m]["sample_seconds"] = seconds
+        metrics[m].update(sample_seconds=seconds, batch_size=batch_size, device=torch.device(device).type)
         if clf_name:
             metrics[m]["lambdas"] = lambdas
     train_all, uniq = train_images(cfg)
@@ -315,8 +320,7 @@ def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, step
                                     f"{m}, true-z proxy: central square {metrics[m]['z_center_03_07']:.1%}",
                                     quantity="regressed true z")
     if write_metrics:
-        with open(os.path.join(run, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(os.path.join(run, "metrics.json"), metrics)
     return metrics
 
 
@@ -334,9 +338,9 @@ def sweep_run(run, lams, n=256, batch_size=SAMPLE_BATCH, seed=0, steps=None, dev
         m, _ = measure(imgs, clfs, zregs)
         m.pop("heatmap_counts", None)
         m.pop("z_heatmap_counts", None)
-        sweep[f"{lam:g}"] = dict(m, sample_seconds=seconds)
-    with open(os.path.join(run, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=2)
+        sweep[f"{lam:g}"] = dict(m, sample_seconds=seconds, batch_size=batch_size,
+                                 device=torch.device(device).type)
+    write_json(os.path.join(run, "sweep.json"), sweep)
     if figures:
         plot_sweep(sweep, os.path.join(run, "sweep.png"))
     return sweep

@@ -7,7 +7,6 @@ neither available offline here). A copied training image shows up as distance 0 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -86,7 +85,7 @@ def memorisation_report(samples, train_u8, featurize, run, name, rows=8, k=8) ->
         out[key] = {kk: np.asarray(v).tolist() for kk, v in r.items()}
     out["method"] = name
     out["train_images"] = int(len(train_u8))
-    with open(os.path.join(run, "memorisation.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    from rundir import write_json
+    write_json(os.path.join(run, "memorisation.json"), out, indent=1)
     return out
 

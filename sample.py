@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 import config as C
-from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, pick_device, to_uint8
+from checkpoint import UserError, cli, ensure_writable_dir, load_checkpoint, load_weights, pick_device, to_uint8
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from classifier_free import check_cfg_flags, guided_model
@@ -63,7 +63,7 @@ def load_ddpm(run: str, device, use_ema: bool = True):
     ck = load_checkpoint(run, "ddpm")
     cfg = C.from_dict(ck["config"])
     model = build_model(cfg)
-    model.load_state_dict(ck["ema" if use_ema else "model"])
+    load_weights(model, ck.get("ema" if use_ema else "model"), os.path.join(run, "ddpm.pt"), ck)
     return inference_layout(model, device), cfg
 
 
@@ -89,7 +89,7 @@ def load_classifier(run: str, name: str, device, expect_cfg=None):
             raise UserError(f"{name} was trained for another noise schedule than the DDPM; retrain it")
     model = NoisyClassifier.from_config(cfg["data"], cfg["classifier"], ck["num_classes"],
                                         spectral=ck["spectral_norm"])
-    model.load_state_dict(ck["model"])
+    load_weights(model, ck["model"], os.path.join(run, f"{name}.pt"), ck)
     return inference_layout(model, device)
 
 
@@ -284,7 +284,8 @@ def sample_settings(s: C.SampleConfig) -> dict:
 def save_samples(npz: str, png: str, x: torch.Tensor, data_cfg, **settings) -> None:
     """The uint8 images and ``settings`` in ``npz``; a grid of the first 64 in ``png`` (circles:
     the edges of the training region marked)."""
-    np.savez_compressed(npz, images=to_uint8(x), **settings)
+    from rundir import save_npz
+    save_npz(npz, images=to_uint8(x), **settings)  # atomic: a later command reads it
     circles = data_cfg.dataset == "circles"
     from toy_circles import training_edges
     save_grid(x[:64], png, marks=circles, delta=data_cfg.delta,
@@ -318,10 +319,14 @@ def main(argv=None):
                    None if s.target == -1 else s.target, s.classifier, models, s.sampler, s.eta,
                    s.guidance_at, s.cfg_form)
     npz, png = output_paths(a.out or s.run, a.tag or default_tag(s), a.overwrite)
+    from rundir import remove_stale_temps
+    for d in {s.run, a.out or s.run}:
+        remove_stale_temps(d)
     t0 = time.time()
     x = draw(s.n, s.batch_size, s.seed, progress=True)
     dt = time.time() - t0
-    save_samples(npz, png, x, models[1]["data"], **sample_settings(s))
+    save_samples(npz, png, x, models[1]["data"], batch_size=s.batch_size, device=torch.device(device).type,
+                 **sample_settings(s))
     print(f"{s.n} samples in {dt:.1f} s ({dt / s.n:.3f} s/image); wrote {npz} and {png}")
 
 

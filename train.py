@@ -6,7 +6,8 @@
 
 Every model of a run is written to ``--out`` (default runs/<dataset>) as one checkpoint file
 (model, EMA, optimizer, step, RNG state, full config), atomically, every ``--save-every`` steps
-and at the end; on --resume a finished model is skipped (its file is not rewritten).
+and at the end; on --resume a finished model is skipped (its file is not rewritten). One
+train.py per run directory: a second one on the same --out refuses (rundir.run_lock).
 
 A run is one experiment: all its models see the same data and noise schedule. A model added to
 an existing run (``--model classifier`` after ``--model ddpm``) therefore takes the data and
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 import config as C
 from checkpoint import UserError, cli, ckpt_path, ensure_writable_dir, load_checkpoint
+from rundir import remove_stale_temps, run_lock
 from classifier import NoisyClassifier
 from diffusion import GaussianDiffusion
 from trainer import (Dist, Job, Shard, close_distributed, finish_model, fit, init_distributed,
@@ -109,7 +111,8 @@ def resolve_config(args, name, device, pending=()):
         if args.resume:
             raise UserError(f"--resume given but {args.out!r} holds no checkpoint; drop --resume "
                             "to start a new run, or point --out at an existing run")
-        preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
+        # The same small experiment on every device; the paper's sizes only when asked for.
+        preset = args.preset or "cpu"
         with config_errors():
             return C.make_config(args.dataset, preset, **overrides), preset, None
     # A new model in an existing run: its data and diffusion config are the run's.
@@ -264,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="all", choices=["ddpm", "classifier", "all"],
                    help="ddpm, the two classifiers (plain + spectral norm), or all")
     p.add_argument("--preset", choices=C.PRESET_NAMES, default=None,
-                   help="default: the run's; for a new run paper on CUDA, cpu otherwise")
+                   help="default: the run's; for a new run cpu on every device (paper: the authors' "
+                        "sizes, for a GPU)")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>)")
     p.add_argument("--device", default=None, help="cuda | cuda:N | mps | cpu (default: best available)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -320,6 +324,14 @@ def main(argv=None):
 
 def _train(args, device, dist: Dist):
     ensure_writable_dir(args.out)
+    # One writer per run directory: rank 0 holds the lock (the other ranks never write).
+    with run_lock(args.out) if dist.main else contextlib.nullcontext():
+        if dist.main:
+            remove_stale_temps(args.out)
+        _train_locked(args, device, dist)
+
+
+def _train_locked(args, device, dist: Dist):
     if dist.main:
         print(f"device: {device} ({'fp32' if device.type != 'cuda' else 'autocast'}), "
               f"{f'{dist.world} processes, ' if dist.world > 1 else ''}run directory: {args.out}")

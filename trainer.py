@@ -5,6 +5,10 @@ precision on CUDA, gradient clipping, a JSON-lines log every ``log_every`` steps
 curve at the end, atomic checkpoints every ``save_every`` steps and bit-exact ``--resume``.
 What differs between a DDPM and a classifier is only the ``Job`` (its model and batch loss).
 
+Divergence: at every log point the mean loss, and at every save point the weights (and EMA), must
+be finite; otherwise training stops with one line naming the step, before anything is logged or
+saved, so the last good checkpoint on disk stays as it was (under DDP all ranks decide together).
+
 Multi-process training (``torchrun --nproc_per_node=N train.py ...``): when ``RANK`` is set,
 ``init_distributed`` starts one process group (NCCL on CUDA, gloo on CPU), each rank takes its
 own device (``LOCAL_RANK``), its own disjoint data shard (``Shard``) and its own data/noise seed,
@@ -27,7 +31,9 @@ from typing import Callable
 import torch
 
 import config as C
-from checkpoint import UserError, ckpt_path, pick_device, rng_state, save_atomic, set_rng_state
+from checkpoint import (UserError, ckpt_path, load_weights, nonfinite, pick_device, rng_state,
+                        save_checkpoint, set_rng_state, versions, write_bytes_atomic)
+from rundir import read_jsonl
 
 
 def lr_at(step, base, warmup, total):
@@ -192,9 +198,9 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
     opt = torch.optim.AdamW(job.model.parameters(), lr=job.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if ck is not None:
-        job.model.load_state_dict(ck["model"])
+        load_weights(job.model, ck["model"], path, ck)
         if job.ema is not None:
-            job.ema.load_state_dict(ck["ema"])
+            load_weights(job.ema, ck.get("ema"), path, ck)
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
@@ -208,7 +214,7 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
     n_params = sum(p.numel() for p in job.model.parameters())
     stop = min(job.total, args.stop_at or job.total)
     meta = {"preset": preset, "train_seconds": elapsed, "params": n_params, "precision": prec,
-            "device": device.type, "torch": torch.__version__}
+            "device": device.type, **versions()}
     say = print if dist.main else (lambda *a, **k: None)
     if ck is not None and step >= job.total:
         say(f"{job.name}: already trained ({step} steps); skipping (raise --steps to continue)")
@@ -233,7 +239,27 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
             obj["ema"] = job.ema.state_dict()
         if scaler is not None:
             obj["scaler"] = scaler.state_dict()
-        save_atomic(obj, path)
+        save_checkpoint(obj, path)
+        saved[0] = step
+
+    saved = [ck["step"] if ck is not None else None]   # the step of the checkpoint on disk
+    logged = [step]                                     # the last step whose loss was finite
+
+    def stop_if_diverged(bad: bool, what: str) -> None:
+        """Raise on every rank when any rank found a NaN / inf (see module doc)."""
+        if dist.world > 1:
+            import torch.distributed as tdist
+            flag = torch.tensor([float(bad)], device=device)
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            return
+        kept = (f"the last checkpoint, {path} (step {saved[0]}), is untouched" if saved[0] is not None
+                else "no checkpoint was written")
+        flag = "--lr" if job.kind == "ddpm" else "--clf-lr"
+        raise UserError(f"{job.name}: training diverged: {what} at step {step}"
+                        f"{f' (finite at step {logged[0]})' if logged[0] else ''}; {kept}; lower {flag} "
+                        f"(now {job.lr:g}) and train again with --overwrite")
 
     from tqdm import tqdm
     bar = tqdm(total=stop, initial=step, desc=job.name, dynamic_ncols=True, mininterval=1.0,
@@ -266,6 +292,9 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
         running += loss.detach().float()
         n_run += 1
         bar.update(1)
+        if step % tc.log_every == 0 or step == stop:
+            stop_if_diverged(not bool(torch.isfinite(running)), "the loss is not finite")
+            logged[0] = step
         if dist.main and (step % tc.log_every == 0 or step == stop):
             now = time.time()
             rec = {"step": step, "loss": running.item() / n_run, "lr": lr,
@@ -277,6 +306,9 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
             running.zero_()
             n_run, t_log = 0, now
         if step % tc.save_every == 0 or step == stop:
+            bad = nonfinite(model=job.model, ema=job.ema)
+            stop_if_diverged(bool(bad), f"{len(bad)} weight tensor(s) hold NaN or inf"
+                             + (f" (e.g. {bad[0]})" if bad else ""))
             elapsed += time.time() - t0
             t0 = time.time()
             save()
@@ -291,20 +323,19 @@ def fit(job: Job, args, cfg, preset, ck, device, dist: Dist = Dist()) -> dict:
 
 
 def _truncate_log(log_path, step):
-    """On resume, drop log lines written after the checkpoint (a crash between log and save)."""
+    """On resume, drop log lines written after the checkpoint (a crash between log and save), and
+    a line cut off by a crash mid-append; rewritten atomically."""
     if not os.path.exists(log_path):
         return
-    with open(log_path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(log_path, "w") as f:
-        f.writelines(keep)
+    recs, bad = read_jsonl(log_path)
+    if bad:
+        print(f"note: dropped {bad} unreadable line(s) of {log_path} (cut off by an interrupted run)")
+    keep = [r for r in recs if isinstance(r, dict) and r.get("step", step + 1) <= step]
+    write_bytes_atomic(log_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def plot_loss_curve(log_path, png, title):
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
+    recs = [r for r in read_jsonl(log_path)[0] if isinstance(r, dict) and {"step", "loss", "lr"} <= r.keys()]
     if not recs:
         return
     from figures import pyplot, save
