@@ -29,7 +29,7 @@ import train
 from checkpoint import pick_device, to_uint8
 from lab import composition, exact_score, score_error, smc
 from lab.extrapolate import measure
-from results.record import matmul_gflops
+from results.record import Recorder
 from sample import load_ddpm, prepare
 
 MIDDLE, OUTER, LEFT, RIGHT = ((0.2, 0.8),), ((0.0, 0.15), (0.85, 1.0)), ((0.0, 0.15),), ((0.85, 1.0),)
@@ -116,7 +116,8 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     sections = [s for s in a.sections.split(",") if s]
     device = pick_device("cpu")
-    peak = matmul_gflops()
+    rec = Recorder("lab", "The lab table: interpolation, extrapolation, composition (LAB.md exercises 5–8)")
+    peak = rec.gflops_before
     t_start = time.time()
     ensure_run(a.run)
     if "extrapolation" in sections:
@@ -147,6 +148,14 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"settings": vars(a), "table": table, "wall_seconds": wall, "train_seconds": t_train,
                    "matmul_gflops": peak}, f, indent=2)
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    rows = [[sec, r["label"], r["target"], pct(r["on_target"]), pct(r["zero"]), pct(r["two_plus"]),
+             "–" if r["diversity"] is None or r["diversity"] != r["diversity"] else f"{r['diversity']:.3f}"]
+            for sec, rs in table.items() for r in rs]
+    rec.write({"table": table, "train_seconds": t_train}, seeds=[a.seed], n=a.n,
+              tables=[{"title": f"{a.n} samples per row, λ = {a.scale:g}",
+                       "columns": ["section", "method", "target", "on target", "zero discs", "two+ discs",
+                                   "diversity"], "rows": rows}])
     print(f"\n{wall / 60:.1f} min in this command (training {t_train / 60:.1f} min); fp32 matmul peak "
           f"{peak:.0f} GFLOP/s; wrote {out} and {png}")
 
