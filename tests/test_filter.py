@@ -411,17 +411,18 @@ def square_folder(path, n=300, seed=0):
 
 
 def test_filter_keeps_the_extremes_of_another_latent(tmp_path):
-    """The whole command on the square folder: class 1 keeps the largest squares and class 0 the
-    smallest, each the most extreme of its class by u among the train images (a reversed ranking
-    would keep squares near u = 1/2 and fail)."""
+    """The whole command on the square folder (8 px, tiny classifiers): the kept class-1 images
+    are the largest squares of class 1 and the kept class-0 images the smallest of class 0, all
+    in the outer quarter of their class by u (a reversed ranking keeps squares near u = 1/2)."""
     d, out = str(tmp_path / "squares"), str(tmp_path / "out")
     u = square_folder(d)
-    DF.main(["--data-dir", d, "--out", out, "--k", "20"] + TINY)
+    DF.main(["--data-dir", d, "--out", out, "--k", "20", "--image-size", "8", "--steps", "20",
+             "--ensemble-steps", "10", "--eval-steps", "80", "--lr", "3e-3"] + TINY[8:])
     n_train = toy_faces.split_sizes(len(u))[0]
     kept = celeba.read_index_list(os.path.join(out, "index.txt"), n_train)
-    ut = u[:n_train]
-    ones, zeros = kept[ut[kept] > 0.5], kept[ut[kept] <= 0.5]
+    train = celeba.CelebAData(d, 8, "Smiling", progress=False)
+    y, ut = train.labels, u[:n_train]
+    ones, zeros = kept[y[kept] == 1], kept[y[kept] == 0]
     assert len(ones) == len(zeros) == 10
-    print(np.sort(ut[ones]), np.sort(ut[zeros]), np.sort(ut[ut > 0.5])[-15:], np.sort(ut[ut <= 0.5])[:15])
-    assert ut[ones].min() > np.quantile(ut[ut > 0.5], 0.75)
-    assert ut[zeros].max() < np.quantile(ut[ut <= 0.5], 0.25)
+    assert ut[ones].min() > np.quantile(ut[y == 1], 0.75)
+    assert ut[zeros].max() < np.quantile(ut[y == 0], 0.25)
