@@ -14,7 +14,8 @@ Per uint8 image [S, S, 3], at the face's position and scale from ``face_geometry
      then on a grid of step 0.005 around the best, with a sub-pixel shift (first order);
   2. two mouths: a1 M(z1) + a2 M(z2) on the coarse grid, z2 - z1 >= DOUBLE_GAP, a1, a2 >= MIN_PART.
 Classes (``classify``), thresholds calibrated on JPEG renders of known z (``validate``):
-  doubled  two mouths leave at most DOUBLE_RATIO of one mouth's rms residual (coarse grids);
+  doubled  a second mouth explains at least DOUBLE_GAIN of the patch's energy beyond the other
+           parts, more than the best single mouth does (both on the coarse grids);
   faded    a < MIN_CONTRAST: far fainter than a rendered mouth (blank or absent);
   other    one mouth leaves more than FIT_REL of the patch's rms signal beyond the other parts;
   clear / mild   one good mouth, z outside / inside [0.3, 0.7].
@@ -37,12 +38,12 @@ from checkpoint import UserError, cli
 
 CLASSES = ("mild", "clear", "faded", "doubled", "other")
 MILD = (0.3, 0.7)
-# Calibration on JPEG renders at 32 px (80 faces; clean / blanked / smile+frown overlays):
-# one-mouth residual / signal <= 0.44 clean (0.67 with noise sd 4), >= 0.44 overlaid;
-# two-mouth / one-mouth residual >= 0.86 clean (0.95 with noise), <= 0.74 overlaid;
-# contrast 0.86..1.13 clean, <= 0.11 blanked, ~0.5 each mouth of an even overlay.
+# Calibration on JPEG renders at 32 px (80 faces, each clean, blanked and smile+frown overlaid,
+# with and without white noise of sd 4): the second mouth's gain is <= 0.007 clean and >= 0.10
+# overlaid; the one-mouth residual / signal <= 0.44 clean (0.67 with the noise); the contrast is
+# 0.86..1.13 clean, <= 0.11 blanked, ~0.5 for each mouth of an even overlay.
 FIT_REL = 0.7
-DOUBLE_RATIO = 0.75
+DOUBLE_GAIN = 0.05
 MIN_CONTRAST = 0.4
 MIN_PART = 0.25
 DOUBLE_GAP = 0.3       # a smile and a frown, not one mouth fitted twice
@@ -156,7 +157,7 @@ def _two_mouths(t, tu, xp, energy: float, n_values: int) -> dict:
 
 def classify(fit: dict) -> str:
     """One of CLASSES for one fit (the rule in the module docstring)."""
-    if fit["rms2"] <= DOUBLE_RATIO * fit["rms_coarse"]:
+    if fit["rms_coarse"] ** 2 - fit["rms2"] ** 2 >= DOUBLE_GAIN * fit["signal"] ** 2:
         return "doubled"
     if fit["contrast"] < MIN_CONTRAST:
         return "faded"
