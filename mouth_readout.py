@@ -89,7 +89,9 @@ def fit_mouth(image: np.ndarray, geometry) -> dict:
     x = torch.from_numpy(image[rows][:, cols].reshape(-1, 3).astype(np.float64))     # [P, 3]
     # The skin colour, with the mouth band apart; then the band counted as skin around the mouth.
     skin = torch.linalg.lstsq(parts, x, driver="gelsd").solution[G.SKIN]
-    u = G.basis(torch.cat([parts[:, :G.SKIN], parts[:, G.SKIN:G.SKIN + 1] + parts[:, G.MOUTH:], parts[:, G.SKIN + 1:G.MOUTH]], 1))
+    base = parts.clone()[:, :G.MOUTH]
+    base[:, G.SKIN] += parts[:, G.MOUTH]
+    u = G.basis(base)
     xp = (x - u @ (u.T @ x)).T                                       # [3, P], the base removed
     energy, n_values = float((xp ** 2).sum()), xp.numel()
 
@@ -107,7 +109,7 @@ def fit_mouth(image: np.ndarray, geometry) -> dict:
         return a.numpy(), (energy - a * num).numpy()
 
     coarse = templates(Z_COARSE)
-    a, res = one(*coarse)
+    _, res = one(*coarse)
     iz, iy, ix = np.unravel_index(int(np.argmin(res)), res.shape)
     fine = np.clip(Z_COARSE[iz] + Z_FINE, 0, 1)
     near = lambda i, n: np.clip([i - 1, i, i + 1], 0, n - 1)
@@ -178,7 +180,7 @@ def readout(images) -> list[dict]:
     return fits
 
 
-def fractions(images, limit: int = 2048) -> dict:
+def fractions(images, limit: int = 1024) -> dict:
     """{"mouth_<class>": fraction} over the images (at most ``limit``, evenly spaced, so the
     training set of a large run costs as much as a sample row) and ``mouth_n``."""
     images = np.asarray(images)
