@@ -21,6 +21,10 @@ Classes (``classify``), thresholds calibrated on JPEG renders of known z (``vali
   clear / mild   one good mouth, z outside / inside [0.3, 0.7].
 
     python mouth_readout.py --n 300      # z RMSE and classes of clean, blanked, overlaid renders
+
+measured there (32 px, seed 0): clean z RMSE 0.013 (largest error 0.050), 40.7 % mild against
+40.0 % with true z in [0.3, 0.7], none faded, doubled or other; blanked 100 % faded; overlaid
+100 % doubled. ~55 ms an image on one core.
 """
 from __future__ import annotations
 
