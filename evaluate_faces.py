@@ -20,6 +20,10 @@ reference. Per row and attribute, on the p of every image:
                        (the clean-classifier architecture with one output, MSE on the true latent of
                        every train image of toy_faces; eval_classifier.zregressor), cached as
                        ``<eval classifier dir>/zreg_<Attr>.pt``.
+  mouth_mild, mouth_clear, mouth_faded, mouth_doubled, mouth_other, mouth_n (stand-in, Smiling,
+                       with the regressor)  fractions by the mouth readout (mouth_readout.py: one
+                       rendered mouth fitted to each face; mild only if it fits and z in [0.3, 0.7]),
+                       over at most 1024 images of a row (evenly spaced; ~55 ms an image).
 With two attributes (§6, 4 corner classes) the keys carry the attribute (``hist_mse_Smiling``) and
 each row also has ``center_03_07`` (both p in [0.3, 0.7]) and ``heatmap_counts`` (20 x 20 counts
 of (p_1, p_2), rows = p_1 bins); on the stand-in also ``z_center_03_07`` and ``z_heatmap_counts``,
@@ -51,6 +55,7 @@ from histograms import hist_kld, hist_mse, histogram
 from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
 from rundir import load_npz, save_npz, write_json
+import mouth_readout
 
 SAMPLE_BATCH = SampleConfig.batch_size
 METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
@@ -215,6 +220,8 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
             zs.append(z)
             m["z_frac_03_07" + sfx] = frac_in(z, 0.3, 0.7)
             m["z_frac_04_06" + sfx] = frac_in(z, 0.4, 0.6)
+            if c.attribute == "Smiling":   # the stand-in's mouth, fitted with its renderer
+                m.update({k + sfx: v for k, v in mouth_readout.fractions(images).items()})
     if two:
         a, b = (probs[c.attribute] for c in clfs[:2])
         m["center_03_07"] = center_fraction(a, b)
@@ -369,14 +376,15 @@ def _fmt(v, pct=False, w=12) -> str:
 def format_table(metrics: dict, paper=PAPER, first="method") -> str:
     """One row per method / lambda: n, then MSE, KLD, fractions (per attribute when several)."""
     any_row = next(iter(metrics.values()))
-    cols = [k for k in any_row if k.startswith(("hist_mse", "hist_kld", "frac_", "z_frac_", "center_"))]
+    cols = [k for k in any_row if k.startswith(("hist_mse", "hist_kld", "frac_", "z_frac_", "center_",
+                                                "mouth_m", "mouth_f", "mouth_d"))]
     short = [c.replace("hist_", "").replace("frac_", "") if len(cols) > 8 else c for c in cols]
     w = max([12] + [len(c) + 2 for c in short])
     lines = [f"{first:<10}{'n':>8}" + "".join(f"{c:>{w}}" for c in short) + "   paper (MSE / KLD)"]
     for name, m in metrics.items():
         p = paper.get(name) or paper.get(float(name) if _isnum(name) else None)
         ref = f"{p['hist_mse']:.3g} / {p['hist_kld']:.3g}" if p else "-"
-        lines.append(f"{name:<10}{m['n']:>8d}" + "".join(_fmt(m.get(c), "frac" in c or "center" in c, w)
+        lines.append(f"{name:<10}{m['n']:>8d}" + "".join(_fmt(m.get(c), any(t in c for t in ("frac", "center", "mouth")), w)
                                                         for c in cols) + "   " + ref)
     return "\n".join(lines)
 

@@ -56,6 +56,7 @@ SKIN_LIGHT, SKIN_DARK = np.array([245, 215, 190]), np.array([120, 80, 55])
 HAIR_BLACK, HAIR_BROWN, HAIR_BLOND = np.array([20, 16, 14]), np.array([115, 72, 40]), np.array([240, 205, 105])
 BG_DARK, BG_LIGHT = np.array([45, 50, 65]), np.array([215, 210, 200])
 HAIR_GREY = np.array([175, 175, 175])
+LIP = (110, 20, 30)
 
 
 def sample_latents(n: int, seed: int = 0) -> dict:
@@ -88,7 +89,7 @@ def _mix(a, b, t) -> tuple:
     return tuple(int(round(v)) for v in (1 - t) * a + t * b)
 
 
-def _mouth(draw: ImageDraw.ImageDraw, cx: float, my: float, s: float, z: float) -> None:
+def _mouth(draw: ImageDraw.ImageDraw, cx: float, my: float, s: float, z: float, paint=None) -> None:
     """A filled lip shape whose bend goes from frown (z=0) through flat (0.5) to smile (1).
 
     Along u in [-1, 1] the centre line is my + c (b(u) - 1/2) with b = 1 - u^2: for c > 0 the
@@ -103,11 +104,11 @@ def _mouth(draw: ImageDraw.ImageDraw, cx: float, my: float, s: float, z: float) 
     xs = cx + half_w * u
     top = list(zip(xs, mid - (1.5 * s + 0.15 * open_) * b))
     bottom = list(zip(xs[::-1], (mid + open_ * b)[::-1]))
-    draw.polygon(top + bottom, fill=(110, 20, 30))
-    # Teeth fade in continuously (no threshold in z would be visible as a jump in the images).
-    teeth = _mix(np.array([110, 20, 30]), np.array([250, 250, 245]), float(np.clip((z - 0.6) / 0.3, 0, 1)))
+    paint = paint or _keep
+    draw.polygon(top + bottom, fill=paint("lip", LIP))
+    teeth = teeth_colour(z)
     ty = mid + 0.35 * open_ * b
-    draw.line(list(zip(xs[3:-3], ty[3:-3])), fill=teeth, width=max(1, int(s * 3)))
+    draw.line(list(zip(xs[3:-3], ty[3:-3])), fill=paint("teeth", teeth), width=max(1, int(s * 3)))
 
 
 def hair_colour(z: float) -> tuple:
@@ -115,46 +116,62 @@ def hair_colour(z: float) -> tuple:
     return _mix(HAIR_BLACK, HAIR_BROWN, 2 * z) if z < 0.5 else _mix(HAIR_BROWN, HAIR_BLOND, 2 * z - 1)
 
 
-def render_face(row: dict) -> Image.Image:
+def teeth_colour(z: float) -> tuple:
+    """Lip red at z <= 0.6 to white at z >= 0.9: teeth fade in continuously (no threshold in z
+    would be visible as a jump in the images)."""
+    return _mix(np.array(LIP), np.array([250, 250, 245]), float(np.clip((z - 0.6) / 0.3, 0, 1)))
+
+
+def _keep(part: str, colour):
+    return colour
+
+
+def render_face(row: dict, paint=None, mode: str = "RGB") -> Image.Image:
     """One 178x218 RGB face from a latent row (floats). Hair and head stay inside rows 23..191
-    for any jitter (the crop keeps 20..197); only the shoulders reach below."""
+    for any jitter (the crop keeps 20..197); only the shoulders reach below.
+
+    ``paint(part, colour)`` returns the fill of each named part (default: its colour), e.g. a
+    label per part in ``mode="L"``: mouth_readout.py draws the same geometry as masks. Parts:
+    background, shirt, neck, hair, head, fringe, wrinkle, temple, eye, pupil, brow, nose, lip,
+    teeth."""
+    p = paint or _keep
     s = row["scale"]
     cx, cy = W / 2 + row["dx"], 120 + row["dy"]
-    im = Image.new("RGB", (W, H), _mix(BG_DARK, BG_LIGHT, row["background"]))
+    im = Image.new(mode, (W, H), p("background", _mix(BG_DARK, BG_LIGHT, row["background"])))
     d = ImageDraw.Draw(im)
     hair = hair_colour(row["z_hair"])
     skin = _mix(SKIN_LIGHT, SKIN_DARK, row["skin"])
     shirt = _mix(np.array([40, 60, 150]), np.array([150, 40, 40]), row["shirt"])
     # Shoulders (below the face, partly cut by the crop), hair behind the head, the head.
-    d.ellipse([cx - 80 * s, cy + 58 * s, cx + 80 * s, cy + 150 * s], fill=shirt)
-    d.rectangle([cx - 16 * s, cy + 40 * s, cx + 16 * s, cy + 70 * s], fill=skin)
-    d.ellipse([cx - 57 * s, cy - 84 * s, cx + 57 * s, cy + 40 * s], fill=hair)
-    d.ellipse([cx - 44 * s, cy - 58 * s, cx + 44 * s, cy + 60 * s], fill=skin)
+    d.ellipse([cx - 80 * s, cy + 58 * s, cx + 80 * s, cy + 150 * s], fill=p("shirt", shirt))
+    d.rectangle([cx - 16 * s, cy + 40 * s, cx + 16 * s, cy + 70 * s], fill=p("neck", skin))
+    d.ellipse([cx - 57 * s, cy - 84 * s, cx + 57 * s, cy + 40 * s], fill=p("hair", hair))
+    d.ellipse([cx - 44 * s, cy - 58 * s, cx + 44 * s, cy + 60 * s], fill=p("head", skin))
     # Fringe: hair over the top of the forehead makes the colour visible from the front.
-    d.chord([cx - 46 * s, cy - 76 * s, cx + 46 * s, cy - 16 * s], 180, 360, fill=hair)
-    _age(d, cx, cy, s, row["z_young"], skin)
+    d.chord([cx - 46 * s, cy - 76 * s, cx + 46 * s, cy - 16 * s], 180, 360, fill=p("fringe", hair))
+    _age(d, cx, cy, s, row["z_young"], skin, p)
     for side in (-1, 1):  # eyes and brows
         ex, ey = cx + side * 19 * s, cy - 8 * s
-        d.ellipse([ex - 9 * s, ey - 5 * s, ex + 9 * s, ey + 5 * s], fill=(250, 250, 250))
-        d.ellipse([ex - 4 * s, ey - 4 * s, ex + 4 * s, ey + 4 * s], fill=(30, 25, 20))
-        d.line([ex - 10 * s, ey - 11 * s, ex + 10 * s, ey - 12 * s], fill=hair, width=max(1, int(3 * s)))
+        d.ellipse([ex - 9 * s, ey - 5 * s, ex + 9 * s, ey + 5 * s], fill=p("eye", (250, 250, 250)))
+        d.ellipse([ex - 4 * s, ey - 4 * s, ex + 4 * s, ey + 4 * s], fill=p("pupil", (30, 25, 20)))
+        d.line([ex - 10 * s, ey - 11 * s, ex + 10 * s, ey - 12 * s], fill=p("brow", hair), width=max(1, int(3 * s)))
     d.line([cx, cy, cx - 4 * s, cy + 14 * s, cx + 3 * s, cy + 15 * s],
-           fill=_mix(np.array(skin), np.zeros(3), 0.35), width=max(1, int(2 * s)))
-    _mouth(d, cx, cy + 33 * s, s, row["z_smile"])
+           fill=p("nose", _mix(np.array(skin), np.zeros(3), 0.35)), width=max(1, int(2 * s)))
+    _mouth(d, cx, cy + 33 * s, s, row["z_smile"], p)
     return im
 
 
-def _age(d: ImageDraw.ImageDraw, cx, cy, s, z_young: float, skin: tuple) -> None:
+def _age(d: ImageDraw.ImageDraw, cx, cy, s, z_young: float, skin: tuple, p=_keep) -> None:
     """Old faces (z_young -> 0): darker forehead wrinkles and grey temples."""
     a = 1 - z_young
     line = _mix(np.array(skin), np.zeros(3), 0.5 * a)
     for k in range(3):
         y = cy - (20 + 7 * k) * s
-        d.line([cx - 22 * s, y, cx + 22 * s, y], fill=line, width=max(1, int(2 * s)))
+        d.line([cx - 22 * s, y, cx + 22 * s, y], fill=p("wrinkle", line), width=max(1, int(2 * s)))
     grey = _mix(np.array(skin), HAIR_GREY, a)
     for side in (-1, 1):
         d.ellipse([cx + side * 44 * s - 7 * s, cy - 24 * s, cx + side * 44 * s + 7 * s, cy + 8 * s],
-                  fill=grey)
+                  fill=p("temple", grey))
 
 
 def _write_text(path: str, lines) -> None:

@@ -103,13 +103,67 @@ def test_ranking_keeps_the_most_extreme_of_both_classes():
 def test_ties_and_subsets_are_deterministic():
     o0, o1 = DF.rank_extremes(np.arange(4), np.array([0, 0, 1, 1]), np.full(4, 0.5))
     assert o0.tolist() == [0, 1] and o1.tolist() == [2, 3]
-    rows = np.arange(100, 200)
-    disjoint = DF.ensemble_subsets(rows, 5, 0.2, seed=3)
-    assert sorted(np.concatenate(disjoint).tolist()) == rows.tolist()  # a partition
-    over = DF.ensemble_subsets(rows, 5, 0.5, seed=3)
-    assert all(len(s) == 50 and len(np.unique(s)) == 50 for s in over)
-    assert len({tuple(s) for s in over}) == 5                           # distinct subsets
-    assert all((a == b).all() for a, b in zip(over, DF.ensemble_subsets(rows, 5, 0.5, seed=3)))
+
+
+def test_ensemble_folds_are_disjoint_and_held_out():
+    """Member k trains on fold k and judges the rest: the folds partition the rows, no member
+    judges a row it trained on, every row gets ensemble - 1 judgements, and each class is dealt
+    evenly (43 of class 0, 60 of class 1 over 5 folds: 8-9 and 12 per fold)."""
+    labels = np.r_[np.zeros(143, int), np.ones(160, int)]
+    rows = np.r_[np.arange(100, 143), np.arange(200, 260)]
+    folds = DF.ensemble_folds(rows, labels, 5, seed=3)
+    own = [set(o.tolist()) for o, _ in folds]
+    assert sorted(np.concatenate([o for o, _ in folds]).tolist()) == sorted(rows.tolist())
+    assert all(not a & b for i, a in enumerate(own) for b in own[i + 1:])           # disjoint
+    for (o, j), mine in zip(folds, own):
+        assert not mine & set(j.tolist()) and sorted(np.r_[o, j].tolist()) == sorted(rows.tolist())
+        assert sorted(np.bincount(labels[o], minlength=2).tolist()) in ([8, 12], [9, 12])
+    judged = np.concatenate([j for _, j in folds])
+    assert np.bincount(judged)[rows].tolist() == [4] * len(rows)
+    again = DF.ensemble_folds(rows, labels, 5, seed=3)
+    assert all((a == c).all() and (b == d).all() for (a, b), (c, d) in zip(folds, again))
+    assert any(len(set(a.tolist()) ^ set(c.tolist())) for (a, _), (c, _) in
+               zip(folds, DF.ensemble_folds(rows, labels, 5, seed=4)))                  # seeded
+
+
+def test_no_member_scores_an_image_it_trained_on():
+    """Through run_filter: each member's scorer is only ever asked about rows outside its own
+    training rows, and every row of S is judged by exactly ensemble - 1 members."""
+    z, y = known_z(600)
+    calls = []
+
+    def fit(rows, seed, steps):
+        trained = set(np.asarray(rows).tolist())
+        scorer = fake_fit(z)(rows, seed, steps)
+
+        def score(r):
+            calls.append((seed, trained, np.asarray(r).tolist()))
+            return scorer(r)
+        return score
+
+    res = DF.run_filter(y, "Smiling", DF.FilterConfig(), DF.SelectConfig(k=(20,)), fit,
+                        lambda: (z.copy(), {}), log=lambda s: None)
+    members = [c for c in calls if c[0] != 0]                       # seed 0: stage (a)
+    assert len(members) == 5 and res["summary"]["held_out_judgements"] == 4
+    S = [c for c in calls if c[0] == 0][0][1]                          # stage (a) trained on all
+    kept_a = set(np.flatnonzero(DF.p_label(fake_fit(z)(None, 0, 0)(np.arange(600)), y) > 0.9).tolist())
+    assert len(S) == 600 and kept_a
+    for _, trained, scored in members:
+        assert not trained & set(scored) and trained <= kept_a and set(scored) <= kept_a
+    judged = np.bincount(np.concatenate([s for *_, s in members]), minlength=600)
+    assert judged[sorted(kept_a)].tolist() == [4] * len(kept_a)
+
+
+def test_paper_preset_thresholds():
+    """The authors' released config: ensemble agreement 0.9999 (keep_thr), stage (a) 0.95
+    (agree_095); cpu keeps 0.9 / 0.9; a flag still wins over either preset."""
+    paper, _ = DF.make_configs("paper")
+    assert (paper.tau1, paper.tau2, paper.ensemble) == (0.95, 0.9999, 5)
+    cpu, _ = DF.make_configs("cpu")
+    assert (cpu.tau1, cpu.tau2) == (0.9, 0.9)
+    assert DF.make_configs("paper", tau2=0.99)[0].tau2 == 0.99
+    one_line_error(lambda: DF.run_filter(np.r_[0, 1], "Smiling", DF.FilterConfig(ensemble=1),
+                                         DF.SelectConfig(k=(2,)), None, None), "--ensemble 1")
 
 
 def test_k_too_large_is_one_line():
@@ -182,14 +236,17 @@ def test_filter_keeps_only_extremes_of_a_known_latent(tmp_path):
 
 def test_label_agreement_and_every_member_are_required():
     """Stage (a) drops confident classifiers that DISAGREE with the label (rows 0, 1) and unsure
-    ones (row 2); stage (b) drops what a single member doubts (row 3, member seed 3)."""
+    ones (row 2); stage (b) drops what a single held-out member doubts (row 3)."""
     labels = np.arange(20) % 2
     base = np.where(labels == 1, 0.99, 0.01)
     base[[0, 1, 2]] = [0.99, 0.01, 0.5]
 
+    doubted = []
+
     def fit(rows, seed, steps):
         p = base.copy()
-        if seed == 3:
+        if seed > 0 and 3 not in rows and not doubted:   # the first member that judges row 3
+            doubted.append(seed)
             p[3] = 0.5
         return lambda r: p[r]
 
@@ -197,18 +254,18 @@ def test_label_agreement_and_every_member_are_required():
                         lambda: (base + np.arange(20) * 1e-4, {}), log=lambda s: None)
     assert [c["total"] for c in res["summary"]["counts"]] == [20, 17, 16, 16]
     kept = np.concatenate(res["lists"][16])
-    assert not set(kept) & {0, 1, 2, 3} and sorted(kept) == list(range(4, 20))
+    assert len(doubted) == 1 and not set(kept) & {0, 1, 2, 3} and sorted(kept) == list(range(4, 20))
 
 
 def test_k_too_large_fails_before_the_evaluation_classifier():
-    """1000 faces: 471 / 529 of class 0 / 1 in train, 193 / 229 after stage (b). --k 600 fits the
+    """1000 faces: 471 / 529 of class 0 / 1 in train, 199 / 233 after stage (b). --k 600 fits the
     train split but not the survivors; --k 2000 fails before any training."""
     z, y = known_z(1000)
     never = lambda: pytest.fail("the evaluation classifier must not train when --k cannot fit")
     run = lambda k, fit: DF.run_filter(y, "Smiling", DF.FilterConfig(), DF.SelectConfig(k=(k,)),
                                        fit, never, log=lambda s: None)
     one_line_error(lambda: run(600, fake_fit(z)), "--k 600 needs 300 images of class 0",
-                   "the filter kept 193 and 229", "at most 386", "--tau2")
+                   "the filter kept 199 and 233", "at most 398", "--tau2")
     no_training = lambda rows, seed, steps: pytest.fail("no classifier may train")
     one_line_error(lambda: run(2000, no_training), "the train split has 471 and 529", "at most 942")
 
@@ -322,3 +379,50 @@ def test_filter_cli_errors(tmp_path):
     one_line_error(lambda: DF.main(["--data-dir", faces, "--attribute", "Smile"] + TINY),
                    "unknown CelebA attribute 'Smile'")
     one_line_error(lambda: DF.main(["--data-dir", faces, "--k", "1"] + TINY), "--k 1")
+
+
+# ----- the ranking's direction on a folder with its own latent -----------------------------------
+
+def square_folder(path, n=300, seed=0):
+    """A CelebA-layout folder (not toy_faces) whose attribute is driven by a known latent u: a
+    light square on a dark background, side 30 + 100 u source px (u uniform), and noisy labels near
+    the middle as CelebA's, Smiling = 1[u + e > 1/2] with e ~ N(0, 0.1) clipped to +-0.2 (without
+    noise the classes separate and every classifier saturates). Returns u in file order."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0, 1, n)
+    y = u + np.clip(rng.normal(0, 0.1, n), -0.2, 0.2) > 0.5
+    os.makedirs(os.path.join(path, celeba.IMAGE_DIR))
+    files = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for f, v, (jx, jy) in zip(files, u, rng.integers(-5, 6, (n, 2))):
+        a = np.full((218, 178, 3), 60, np.uint8)
+        half = int(15 + 50 * v)
+        a[109 + jy - half:109 + jy + half, 89 + jx - half:89 + jx + half] = 220
+        Image.fromarray(a).save(os.path.join(path, celeba.IMAGE_DIR, f), quality=95)
+    names = toy_faces.CELEBA_ATTRIBUTES
+    col = names.index("Smiling")
+    rows = [" ".join(["1" if (j == col and v) else "-1" for j in range(len(names))]) for v in y]
+    with open(os.path.join(path, "list_attr_celeba.txt"), "w") as fh:
+        fh.write(f"{n}\n" + " ".join(names) + "\n" + "".join(f"{f} {r}\n" for f, r in zip(files, rows)))
+    tr, va, _ = toy_faces.split_sizes(n)
+    with open(os.path.join(path, "list_eval_partition.txt"), "w") as fh:
+        fh.write("".join(f"{f} {0 if i < tr else 1 if i < tr + va else 2}\n" for i, f in enumerate(files)))
+    return u
+
+
+def test_filter_keeps_the_extremes_of_another_latent(tmp_path):
+    """The whole command on the square folder (8 px, tiny classifiers): the kept class-1 images
+    are the largest squares of class 1 and the kept class-0 images the smallest of class 0, all
+    in the outer quarter of their class by u (a reversed ranking keeps squares near u = 1/2)."""
+    d, out = str(tmp_path / "squares"), str(tmp_path / "out")
+    u = square_folder(d)
+    DF.main(["--data-dir", d, "--out", out, "--k", "20", "--image-size", "8", "--steps", "20",
+             "--ensemble-steps", "10", "--eval-steps", "80", "--lr", "3e-3"] + TINY[8:])
+    n_train = toy_faces.split_sizes(len(u))[0]
+    kept = celeba.read_index_list(os.path.join(out, "index.txt"), n_train)
+    train = celeba.CelebAData(d, 8, "Smiling", progress=False)
+    y, ut = train.labels, u[:n_train]
+    ones, zeros = kept[y[kept] == 1], kept[y[kept] == 0]
+    assert len(ones) == len(zeros) == 10
+    assert ut[ones].min() > np.quantile(ut[y == 1], 0.75)
+    assert ut[zeros].max() < np.quantile(ut[y == 0], 0.25)
