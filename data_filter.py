@@ -84,17 +84,11 @@ class SelectConfig:
 
 
 # cpu: the 20k-face stand-in at 32 px in a few minutes on 2 cores (7 trainings + inference).
-<<<<<<< HEAD
 # Its k's keep ~19 % of each class, so that only extreme faces are kept: a larger k reaches into
 # the mild faces the experiment must not train on (why: RESULTS.md#faces_pipeline).
-# paper: 64 px, the guidance classifier's widths (config.py), lr 3e-4 (App. C), §5.2's k's.
-=======
-# Its k's keep ~19 % of each class: with k = 6000 (37 %) the stand-in's class 0 reached true
-# z_smile = 0.367, i.e. mild faces; k = 3000 kept z <= 0.264 and >= 0.756 (measured).
 # paper: 64 px, the guidance classifier's widths (config.py), lr 3e-4 (App. C), §5.2's k's, and
 # the thresholds of the authors' released code: ensemble agreement keep_thr = 0.9999 (tau2), stage
 # (a) at 0.95 (tau1; its runs are named agree_095).
->>>>>>> i23
 PRESETS = {
     "cpu": {},
     "paper": {"filter": dict(image_size=64, steps=20000, ensemble_steps=10000, eval_steps=30000,
