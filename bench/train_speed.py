@@ -24,6 +24,7 @@ from checkpoint import pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from toy_circles import CirclesData  # noqa: E402
 from models import build_model  # noqa: E402
+from results.record import matmul_gflops  # noqa: E402
 
 
 def _attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -47,14 +48,9 @@ def flop_counter() -> FlopCounterMode:
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops})
 
 
-def matmul_peak(n=2048, reps=10):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+def matmul_peak() -> float:
+    """fp32 matmul FLOP/s (results.record.matmul_gflops, in FLOP/s for the FLOP counts here)."""
+    return matmul_gflops() * 1e9
 
 
 def main():
