@@ -7,7 +7,7 @@ Runs exactly the two commands a newcomer types (as subprocesses, so the time inc
 then reads OUT/metrics.json and draws the headline figure (results/figures/quickstart.png):
 unguided vs multi-guided samples, and the histogram of detected disc positions z (Fig. 5 / 7a).
 The train step of this machine (bench/train_speed.py's measurement, batch 32) is recorded beside
-the wall time: machines of one matmul peak differ by up to 2x in convolution speed.
+the wall time: machines of one matmul peak can differ widely in convolution speed.
 """
 import argparse
 import json
