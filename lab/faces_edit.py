@@ -30,7 +30,7 @@ import torch
 import config as C
 from checkpoint import UserError, cli, ensure_writable_dir, from_uint8, pick_device, to_uint8
 from lab import face_readout as R
-from lab.edit import edit
+from lab.edit import add_eta_arg, edit
 
 DIRECTIONS = {"to_smile": (0, 1), "to_frown": (1, 0)}   # (side of the originals, guidance target)
 OUTCOMES = ("mild", "crossed", "unchanged", "lost")
@@ -86,8 +86,7 @@ def build_parser():
     g = p.add_argument_group("attribute editing of faces (App. N)")
     g.add_argument("--out", required=True, help="output directory for faces_edit.json and faces_edit.png")
     add_inversion_args(g)
-    g.add_argument("--eta-start", type=float, default=1.0,
-                   help="eta at the latent, decaying linearly to 0 (default 1, the paper's t/2000)")
+    add_eta_arg(g)
     g.add_argument("--control", action="store_true", help="also decode with lambda = 0 (same noise)")
     R.add_readout_args(g)
     g.add_argument("--cols", type=int, default=16, help="faces per block of faces_edit.png (default 16)")
