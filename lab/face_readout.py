@@ -16,6 +16,8 @@ The faces used as endpoints and originals are the run's own training faces with 
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -64,6 +66,11 @@ def smile(images: np.ndarray, zreg=None) -> dict:
     return {"z_mouth": np.array([f["z"] for f in fits]), "mouth_class": np.array([f["class"] for f in fits]),
             "geometry": np.array([f["geometry"] for f in fits]).reshape(-1, 3),
             "z_reg": None if zreg is None else np.asarray(zreg(images), dtype=np.float64)}
+
+
+def plain(obj):
+    """``obj`` with numpy arrays and scalars turned into lists and numbers (JSON, results.record)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist()))
 
 
 def frac_mild(z) -> float:

@@ -20,7 +20,6 @@ faces_edit.png (per direction, blocks of --cols originals above their edits and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -31,6 +30,7 @@ import config as C
 from checkpoint import UserError, cli, ensure_writable_dir, from_uint8, pick_device, to_uint8
 from lab import face_readout as R
 from lab.edit import add_eta_arg, edit
+from rundir import write_json
 
 DIRECTIONS = {"to_smile": (0, 1), "to_frown": (1, 0)}   # (side of the originals, guidance target)
 OUTCOMES = ("mild", "crossed", "unchanged", "lost")
@@ -121,8 +121,8 @@ def run(argv=None, png=None) -> dict:
     out = {"edits": res, "n": s.n, "scales": scales, "eta_start": a.eta_start, "steps": diffusion.T,
            "invert_to": step, "model_t": int(diffusion.timestep_map[step]), "refine": a.refine,
            "seconds": time.time() - t0}
-    with open(os.path.join(a.out, "faces_edit.json"), "w") as f:
-        json.dump(out, f, indent=1, default=lambda o: o.tolist())
+    out = R.plain(out)
+    write_json(os.path.join(a.out, "faces_edit.json"), out, indent=1)
     save_grid(from_uint8(np.concatenate(tiles)), png or os.path.join(a.out, "faces_edit.png"),
               nrow=min(a.cols, s.n))
     return out

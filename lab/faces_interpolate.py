@@ -18,12 +18,12 @@ z in [0.3, 0.7] by each readout, and the mouth classes; per path whether z never
 than MONO_TOL from one frame to the next (monotone), also with every frame one clean mouth
 (monotone_clean), and that with at least one clean mild inner frame (through_mild, the faces'
 version of the circles' "monotone through the middle"). Writes <out>/faces_interp.json,
-faces_interp.png (the first --rows paths of each kind, pairs in rows) and faces_interp_z.png.
+faces_interp.png (one path per row: the first --rows pairs by ddim/slerp, then ddim/lerp, q/slerp,
+q/lerp) and faces_interp_z.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -36,6 +36,7 @@ from checkpoint import UserError, cli, ensure_writable_dir, from_uint8, pick_dev
 from diffusion import GaussianDiffusion
 from lab import face_readout as R
 from lab.interpolate import add_inversion_args, decode, invert, noised, path_latents
+from rundir import write_json
 
 KINDS = ("ddim", "q")                 # DDIM inversion, q(x_t | x_0) noising
 HOWS = ("slerp", "lerp")
@@ -119,7 +120,8 @@ def plot_z(res: dict, path: str) -> None:
         ax.axhspan(*R.MILD, color="green", alpha=0.08)
         ax.set_xlabel("alpha (0: not smiling, 1: smiling)")
         ax.set_ylabel({"z_mouth": "z_smile by the mouth fit", "z_reg": "z_smile by the regressor"}[k])
-        ax.set_ylim(-0.05, 1.05)
+        lo, hi = (f(np.concatenate([np.asarray(r[f"{k}_mean"]) for r in res.values()])) for f in (np.min, np.max))
+        ax.set_ylim(min(-0.05, lo - 0.05), max(1.05, hi + 0.05))     # a regressor can leave [0, 1]
         ax.legend(fontsize=7)
     fig.tight_layout()
     save(fig, path)
@@ -185,8 +187,8 @@ def run(argv=None, png=None, z_png=None) -> dict:
     out = {"paths": res, "pairs": s.n, "frames": a.frames, "steps": diffusion.T, "invert_to": step,
            "model_t": int(diffusion.timestep_map[step]), "refine": a.refine, "mono_tol": MONO_TOL,
            "true_z_a": z[ia], "true_z_b": z[ib], "seconds": time.time() - t0}
-    with open(os.path.join(a.out, "faces_interp.json"), "w") as f:
-        json.dump(out, f, indent=1, default=lambda o: o.tolist())
+    out = R.plain(out)
+    write_json(os.path.join(a.out, "faces_interp.json"), out, indent=1)
     save_paths(decoded, png or os.path.join(a.out, "faces_interp.png"), a.rows)
     plot_z(res, z_png or os.path.join(a.out, "faces_interp_z.png"))
     return out
