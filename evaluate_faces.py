@@ -153,11 +153,16 @@ def load_eval_classifiers(run: str, cfg, device, explicit: str | None = None) ->
     return clfs
 
 
+def train_data(cfg, progress: bool = False) -> CelebAData:
+    """The run's training set (its index list of the train split), unflipped."""
+    d = cfg["data"]
+    return CelebAData(d.data_dir, d.image_size, d.attribute, "train", d.index_list or None, flip=False,
+                      cache_dir=d.cache_dir or None, progress=progress)
+
+
 def train_images(cfg, progress: bool = False):
     """(uint8 images of the run's training set in index-list order, incl. repeats; unique positions)."""
-    d = cfg["data"]
-    data = CelebAData(d.data_dir, d.image_size, d.attribute, "train", d.index_list or None, flip=False,
-                      cache_dir=d.cache_dir or None, progress=progress)
+    data = train_data(cfg, progress)
     images = np.array(data.images)  # a writable copy (the cache is a read-only memmap)
     _, first = np.unique(np.asarray(data.index), return_index=True)
     return images, np.sort(first)
@@ -246,6 +251,12 @@ def _setup(run, device, eval_classifier, zreg_steps, log):
     if cfg["data"].dataset != "celeba":
         raise UserError(f"evaluate_faces measures celeba runs; {run} holds {cfg['data'].dataset}")
     clfs = load_eval_classifiers(run, cfg, device, eval_classifier)
+    return models, cfg, clfs, load_zregressors(run, cfg, clfs, device, zreg_steps, log)
+
+
+def load_zregressors(run, cfg, clfs, device, zreg_steps=ZREG_STEPS, log=print) -> list:
+    """The stand-in's true-latent regressor of each evaluation classifier (None: no true latent,
+    or zreg_steps = 0), cached beside the classifier, or in the run where that is read-only."""
     zregs = []
     for c in clfs:
         zp = os.path.join(os.path.dirname(os.path.abspath(c.path)), f"zreg_{attribute_slug(c.attribute)}.pt")
@@ -259,7 +270,7 @@ def _setup(run, device, eval_classifier, zreg_steps, log):
                 f" (test RMSE {q['test_rmse']:.3f}, corr {q['test_corr']:.3f} with the true z)"
                 if "test_rmse" in q else ""))
         zregs.append(zr)
-    return models, cfg, clfs, zregs
+    return zregs
 
 
 def _num_classes(run) -> int:

@@ -78,6 +78,12 @@ def figure(x: torch.Tensor, edited: torch.Tensor, path: str, cols: int, delta: f
     save_grid(torch.cat(rows), path, nrow=min(cols, len(x)), marks=True, delta=delta)
 
 
+def add_eta_arg(g) -> None:
+    """--eta-start: App. N's eta at the latent (the faces' lab.faces_edit shares it)."""
+    g.add_argument("--eta-start", type=float, default=1.0,
+                   help="eta at the latent, decaying linearly to 0 (default 1, the paper's t/2000)")
+
+
 DEFAULTS = C.SampleConfig(n=32, target=1)  # 32 left-band discs, edited towards class 1 (right)
 
 
@@ -91,8 +97,7 @@ def build_parser():
     g = p.add_argument_group("attribute editing (App. N)")
     g.add_argument("--out", required=True, help="output directory for edit.png and edit.json")
     add_inversion_args(g)
-    g.add_argument("--eta-start", type=float, default=1.0,
-                   help="eta at the latent, decaying linearly to 0 (default 1, the paper's t/2000)")
+    add_eta_arg(g)
     g.add_argument("--cols", type=int, default=16, help="images per block of edit.png (default 16)")
     return p
 

@@ -13,6 +13,9 @@ the way to x_T). Writes ``<out>/interp_path.png`` (one row per pair, the first -
 ``<out>/interp.json``: the round-trip error of the endpoints (alpha = 0 and 1 decode the inverted
 images themselves, in [-1, 1] units), and per pair whether the path is "monotone": every frame has exactly one disc,
 its centre never moves left, and at least one frame lies in the middle.
+
+The pieces also serve the faces' App. M (lab/faces_interpolate.py): ``noised``, the other latent
+App. M's wording allows (q(x_t | x_0), Eq. 4), ``lerp`` beside ``slerp``, and ``path_latents``.
 """
 from __future__ import annotations
 
@@ -46,6 +49,14 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (wa.view(shape) * a.double() + wb.view(shape) * b.double()).to(a.dtype)
 
 
+def lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The straight line (1 - alpha) a + alpha b, slerp's baseline."""
+    return (1 - alpha) * a + alpha * b
+
+
+INTERPOLATIONS = {"slerp": slerp, "lerp": lerp}
+
+
 def check_images(x: torch.Tensor, model) -> None:
     """Images must have the model's (channels, size, size): the UNet would fail deep inside otherwise."""
     want = (model.channels, model.image_size, model.image_size)
@@ -62,17 +73,33 @@ def invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, step: int, cli
     return diffusion.ddim_invert(model, x0, step, clip_denoised, refine)
 
 
-def decode(model, diffusion: GaussianDiffusion, z: torch.Tensor, step: int, clip_denoised=True):
-    """Latents at respaced index ``step`` -> images, by DDIM with eta = 0 (the inverse of ``invert``)."""
-    return diffusion.denoise(model, z, step, clip_denoised, sampler="ddim", eta=0.0)
+def noised(diffusion: GaussianDiffusion, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Clean images -> x_t ~ q(x_t | x_0) at respaced index ``step`` (Eq. 4), App. M's other way to
+    a latent; the noise is drawn on the CPU from ``generator``, so a seed fixes it on any device."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    return diffusion.q_sample(x0, torch.full((len(x0),), step, device=x0.device), noise)
+
+
+def decode(model, diffusion: GaussianDiffusion, z: torch.Tensor, step: int, clip_denoised=True,
+           batch: int | None = None):
+    """Latents at respaced index ``step`` -> images, by DDIM with eta = 0 (the inverse of ``invert``),
+    ``batch`` latents at a time (all at once by default)."""
+    batch = batch or len(z)
+    return torch.cat([diffusion.denoise(model, z[i:i + batch], step, clip_denoised, sampler="ddim", eta=0.0)
+                      for i in range(0, len(z), batch)])
+
+
+def path_latents(za: torch.Tensor, zb: torch.Tensor, frames: int, how: str = "slerp") -> torch.Tensor:
+    """[N, frames, ...]: ``frames`` evenly spaced alphas from za (alpha = 0) to zb (alpha = 1)."""
+    fn = INTERPOLATIONS[how]
+    return torch.stack([fn(za, zb, float(al)) for al in np.linspace(0, 1, frames)], 1)
 
 
 def interpolate(model, diffusion, a: torch.Tensor, b: torch.Tensor, frames: int, step: int,
                 clip_denoised=True, refine: int = 0) -> torch.Tensor:
     """Decoded slerp paths from images a[i] to b[i]: [N, frames, C, H, W] (App. M)."""
     za, zb = invert(model, diffusion, torch.cat([a, b]), step, clip_denoised, refine).chunk(2)
-    alphas = np.linspace(0, 1, frames)
-    zs = torch.stack([slerp(za, zb, float(al)) for al in alphas], 1)          # [N, F, C, H, W]
+    zs = path_latents(za, zb, frames)                                          # [N, F, C, H, W]
     x = decode(model, diffusion, zs.flatten(0, 1), step, clip_denoised)
     return x.view(zs.shape)
 
