@@ -21,9 +21,9 @@ a green mouth: the samples get green lips (not always centred). Here, on the two
 A fixed half of the DDPM's training images (a seeded permutation) carries the overlay, class 1;
 the other half is class 0. The overlay is painted once, before the random flip. The classifier is
 train.py's (noise-aware, same loop and config), in ``<run>/synthetic_<property>`` beside a link to
-the run's DDPM; sampling is sample.py's single guidance towards class 1 (Eq. 1) at each lambda.
-Rows: the unguided DDPM, each lambda, and the training images plain and painted (the detector's
-false-positive rate and recall). Writes <out>/synthetic_property.json and grid.png (16 per row).
+the run's DDPM; sampling is sample.py's classifier guidance towards class 1 (§2.2) at each lambda.
+Rows: the unguided DDPM, each lambda, and TRAIN_ROWS training images plain and painted (the
+detector's false-positive rate and recall). Writes <out>/synthetic_property.json and grid.png (16 per row).
 """
 from __future__ import annotations
 
@@ -218,9 +218,7 @@ def train_property_classifier(run: str, out: str, clf_steps: int | None = None, 
     have = os.path.exists(os.path.join(out, "classifier.pt"))
     argv = ["--out", out, "--model", "classifier", "--no-grid"] + (["--clf-steps", str(clf_steps)] if clf_steps else [])
     args = train.build_parser().parse_args(argv + (["--overwrite"] if overwrite else ["--resume"] if have else []))
-    args.dataset = train.run_dataset(out, None)
-    cfg = load_checkpoint(run, "ddpm")["config"]
-    cfg = C.from_dict(cfg)
+    cfg = C.from_dict(load_checkpoint(run, "ddpm")["config"])
     with run_lock(out):
         train.train_classifier(args, torch.device(device), Dist(), spectral=False,
                                wrap=lambda base: PropertyData(base, painter(cfg, base), cfg["train"].seed, log))
@@ -231,9 +229,10 @@ def train_property_classifier(run: str, out: str, clf_steps: int | None = None, 
 
 def experiment(run: str, lambdas=(10.0, 30.0, 100.0), n: int = 256, seed: int = 0, out: str | None = None,
                clf_steps: int | None = None, steps: int | None = None, batch_size: int = C.SampleConfig.batch_size,
-               device=None, overwrite: bool = False, log=print) -> dict:
+               device=None, overwrite: bool = False, train_rows: int = TRAIN_ROWS, log=print) -> dict:
     """Train (or reuse) the classifier, sample unguided and guided towards class 1, detect the
-    property. Returns {rows: {name: metrics}, grid: {name: uint8 images}, clean_accuracy, ...}."""
+    property (and on ``train_rows`` plain and painted training images). Returns {rows: {name:
+    metrics}, grid: {name: uint8 images}, clean_accuracy, ...}."""
     from sample import load_ddpm, prepare
     from train import load_data
     device = pick_device(device)
@@ -256,7 +255,7 @@ def experiment(run: str, lambdas=(10.0, 30.0, 100.0), n: int = 256, seed: int = 
     data = PropertyData(base, painter(cfg, base), cfg["train"].seed, log=lambda *_: None)
     for name, marked in (("train plain", False), ("train painted", True)):
         idx = np.flatnonzero(data.marked == marked)
-        idx = idx[np.linspace(0, len(idx) - 1, min(TRAIN_ROWS, len(idx))).round().astype(int)]
+        idx = idx[np.linspace(0, len(idx) - 1, min(train_rows, len(idx))).round().astype(int)]
         images = to_uint8(data.take(torch.from_numpy(idx), None)[0])
         rows[name] = {"lambda": None, **stats(images)}
         grid[name] = images[:16]

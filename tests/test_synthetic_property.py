@@ -12,7 +12,7 @@ import torch
 import mouth_readout as MR
 import toy_faces
 from checkpoint import load_checkpoint
-from conftest import one_line_error
+from conftest import TINY, one_line_error
 from lab import synthetic_property as SP
 from toy_circles import CirclesData, make_circles
 
@@ -150,3 +150,22 @@ def test_classifier_sampling_and_bench_end_to_end(tiny_run, tmp_path, monkeypatc
     assert os.path.exists(tmp_path / "figures" / "synthetic_property_circles.png")
     one_line_error(lambda: bench.main(["--dataset", "faces", "--run", run]), "circles run", "--run")
     assert train.run_dataset(out, None) == "circles"
+
+
+def test_faces_experiment_end_to_end(tmp_path):
+    """A tiny stand-in run: the green-mouth classifier trains on its index-listed images, the rows
+    carry the colour test and the mouth readout, and the detector separates painted from plain."""
+    import celeba
+    import train
+    d, run = str(tmp_path / "faces"), str(tmp_path / "run")
+    toy_faces.make_toy_faces(d, n=30, seed=5)
+    idx = tmp_path / "index.txt"
+    celeba.write_index_list(str(idx), range(12))
+    train.main(["--dataset", "celeba", "--data-dir", d, "--index-list", str(idx), "--out", run,
+                "--model", "ddpm", "--steps", "2", "--device", "cpu", "--no-grid"] + TINY)
+    r = SP.experiment(run, (30.0,), n=2, clf_steps=2, steps=3, device="cpu", train_rows=3, log=lambda *_: None)
+    assert r["property"] == "green_mouth" and list(r["rows"]) == ["uncond", "λ = 30", "train plain", "train painted"]
+    assert set(r["rows"]["uncond"]) == {"lambda", "property", "green_anywhere", "sample_seconds"} | {
+        f"mouth_{c}" for c in MR.CLASSES}
+    assert r["rows"]["train painted"]["property"] == 1.0 and r["rows"]["train plain"]["green_anywhere"] == 0.0
+    assert load_checkpoint(r["classifier"], "classifier")["config"]["data"]["index_list"] == str(idx)
