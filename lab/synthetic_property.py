@@ -272,7 +272,8 @@ def describe(name: str, row: dict) -> str:
 def save_rows_grid(result: dict, path: str) -> None:
     """One grid row of 16 images per row of the result (uncond, each lambda, train plain / painted)."""
     from sample import save_grid
-    imgs = np.concatenate([np.pad(v, ((0, 16 - len(v)), (0, 0), (0, 0), (0, 0))) for v in result["grid"].values()])
+    imgs = np.concatenate([np.pad(v, ((0, 16 - len(v)), (0, 0), (0, 0), (0, 0)), constant_values=80)
+                           for v in result["grid"].values()])             # short rows: grid grey
     save_grid(from_uint8(imgs), path, nrow=16)
 
 
