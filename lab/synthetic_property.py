@@ -162,6 +162,13 @@ def green_stats(images: np.ndarray, readout: bool = True) -> dict:
 
 # ----- the labelled training set ---------------------------------------------------------------
 
+def marked_half(n: int, seed: int) -> np.ndarray:
+    """bool [n]: the images that carry the overlay, n // 2 of them by a seeded permutation."""
+    marked = np.zeros(n, bool)
+    marked[np.random.default_rng(seed).permutation(n)[:n // 2]] = True
+    return marked
+
+
 class PropertyData:
     """The DDPM's training set with the overlay on a fixed half (label 1), the rest plain (0);
     ``batch`` / ``take`` as toy_circles.CirclesData, flips after the overlay."""
@@ -169,8 +176,7 @@ class PropertyData:
     def __init__(self, base, paint, seed: int = 0, log=print):
         n = len(base)
         self.base, self.flip = base, base.flip
-        self.marked = np.zeros(n, bool)
-        self.marked[np.random.default_rng(seed).permutation(n)[:n // 2]] = True
+        self.marked = marked_half(n, seed)
         where = np.flatnonzero(self.marked)
         self.slot = np.cumsum(self.marked) - 1            # row of painted[] of a marked index
         t0 = time.time()
@@ -248,15 +254,17 @@ def experiment(run: str, lambdas=(10.0, 30.0, 100.0), n: int = 256, seed: int = 
         draw = prepare(out, device, steps, "none" if lam == 0 else "single", scale=lam, target=1, models=models)
         t = time.time()
         images = to_uint8(draw(n, batch_size, seed))
-        rows[name] = {"lambda": lam, **stats(images), "sample_seconds": round(time.time() - t, 1)}
+        dt = round(time.time() - t, 1)
+        rows[name] = {"lambda": lam, **stats(images), "sample_seconds": dt}
         grid[name] = images[:16]
         log(describe(name, rows[name]))
     base = load_data(cfg["data"])
-    data = PropertyData(base, painter(cfg, base), cfg["train"].seed, log=lambda *_: None)
-    for name, marked in (("train plain", False), ("train painted", True)):
-        idx = np.flatnonzero(data.marked == marked)
+    paint, marked = painter(cfg, base), marked_half(len(base), cfg["train"].seed)   # as the classifier's
+    for name, flag in (("train plain", False), ("train painted", True)):
+        idx = np.flatnonzero(marked == flag)
         idx = idx[np.linspace(0, len(idx) - 1, min(train_rows, len(idx))).round().astype(int)]
-        images = to_uint8(data.take(torch.from_numpy(idx), None)[0])
+        images = to_uint8(base.take(torch.from_numpy(idx), None)[0])
+        images = paint(images, idx) if flag else images
         rows[name] = {"lambda": None, **stats(images)}
         grid[name] = images[:16]
         log(describe(name, rows[name]))

@@ -116,45 +116,43 @@ def test_faces_property_data_pastes_green_at_the_true_mouths(tmp_path):
     assert SP.green_stats(u8[y == 0], readout=False)["green_anywhere"] == 0.0
 
 
-def test_classifier_sampling_and_bench_end_to_end(tmp_path, monkeypatch):
-    """The lab CLI trains the classifier beside a link to the run's DDPM (tiny: 3 steps), samples
-    unguided and guided and writes its JSON; a second call reuses the classifier; the bench driver
-    records results/synthetic_property_circles.json and its figure (here under tmp_path)."""
-    import train
+def test_bench_end_to_end_and_the_classifier_is_reused(tiny_run, tmp_path, monkeypatch):
+    """The bench driver trains the ring classifier beside a link to the run's DDPM (3 steps), samples
+    unguided and guided and records results/synthetic_property_circles.json and its figure (here
+    under tmp_path); a second training call keeps the finished classifier."""
     run = str(tmp_path / "run")
-    train.main(["--dataset", "circles", "--model", "ddpm", "--out", run, "--steps", "2", "--device", "cpu",
-                "--no-grid"] + TINY)
-    r = SP.main(["--run", run, "--n", "2", "--lambdas", "30", "--clf-steps", "3", "--steps", "3",
-                 "--device", "cpu"])
-    out = os.path.join(run, "synthetic_ring")
-    assert r["classifier"] == out and os.path.islink(os.path.join(out, "ddpm.pt"))
-    ck = load_checkpoint(out, "classifier")
-    assert ck["step"] == 3 and ck["num_classes"] == 2 and 0 <= ck["clean_accuracy"] <= 1
-    with open(os.path.join(out, "synthetic_property.json")) as f:
-        saved = json.load(f)
-    assert list(saved["rows"]) == ["uncond", "λ = 30", "train plain", "train painted"]
-    # 16 px: the border cuts the rings of the corner discs (4 of 56 positions)
-    assert saved["rows"]["train painted"]["property"] > 0.85 and saved["rows"]["train plain"]["property"] == 0
-    assert os.path.exists(os.path.join(out, "grid.png"))
-    mtime = os.path.getmtime(os.path.join(out, "classifier.pt"))
+    os.makedirs(run)
+    os.symlink(os.path.join(tiny_run, "ddpm.pt"), os.path.join(run, "ddpm.pt"))
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import synthetic_property as bench
     from results import record
     monkeypatch.setattr(record, "HERE", str(tmp_path))
     monkeypatch.setattr(record, "FIGURES", str(tmp_path / "figures"))
     monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)                # provenance only
-    bench.main(["--dataset", "circles", "--run", run, "--n", "2", "--lambdas", "30", "--steps", "3"])
-    assert os.path.getmtime(os.path.join(out, "classifier.pt")) == mtime      # reused, not retrained
+    bench.main(["--dataset", "circles", "--run", run, "--n", "2", "--lambdas", "30", "--steps", "3",
+                "--clf-steps", "3"])
     with open(tmp_path / "synthetic_property_circles.json") as f:
         doc = json.load(f)
+    rows = doc["metrics"]["rows"]
+    assert list(rows) == ["uncond", "λ = 30", "train plain", "train painted"]
+    # 16 px: the border cuts the rings of the corner discs (4 of 56 positions)
+    assert rows["train painted"]["property"] > 0.85 and rows["train plain"]["property"] == 0
     assert doc["tables"][0]["columns"][1] == "one ring (property)" and len(doc["tables"][0]["rows"]) == 4
     assert os.path.exists(tmp_path / "figures" / "synthetic_property_circles.png")
+    out = os.path.join(run, "synthetic_ring")
+    assert doc["metrics"]["classifier"] == out and os.path.islink(os.path.join(out, "ddpm.pt"))
+    ck = load_checkpoint(out, "classifier")
+    assert ck["step"] == 3 and ck["num_classes"] == 2 and 0 <= ck["clean_accuracy"] <= 1
+    mtime = os.path.getmtime(os.path.join(out, "classifier.pt"))
+    SP.train_property_classifier(run, out, log=lambda *_: None)
+    assert os.path.getmtime(os.path.join(out, "classifier.pt")) == mtime      # reused, not retrained
     one_line_error(lambda: bench.main(["--dataset", "faces", "--run", run]), "circles run", "--run")
 
 
-def test_faces_experiment_end_to_end(tmp_path):
-    """A tiny stand-in run: the green-mouth classifier trains on its index-listed images, the rows
-    carry the colour test and the mouth readout, and the detector separates painted from plain."""
+def test_faces_lab_cli_end_to_end(tmp_path):
+    """A tiny stand-in run: the lab CLI trains the green-mouth classifier on the run's index-listed
+    images, writes its JSON and grid; the rows carry the colour test and the mouth readout, and the
+    detector separates the painted training faces from the plain ones."""
     import celeba
     import train
     d, run = str(tmp_path / "faces"), str(tmp_path / "run")
@@ -163,9 +161,13 @@ def test_faces_experiment_end_to_end(tmp_path):
     celeba.write_index_list(str(idx), range(12))
     train.main(["--dataset", "celeba", "--data-dir", d, "--index-list", str(idx), "--out", run,
                 "--model", "ddpm", "--steps", "2", "--device", "cpu", "--no-grid"] + TINY)
-    r = SP.experiment(run, (30.0,), n=2, clf_steps=2, steps=3, device="cpu", train_rows=3, log=lambda *_: None)
+    SP.main(["--run", run, "--n", "2", "--lambdas", "30", "--clf-steps", "2", "--steps", "3", "--device", "cpu"])
+    out = os.path.join(run, "synthetic_green_mouth")
+    with open(os.path.join(out, "synthetic_property.json")) as f:
+        r = json.load(f)
     assert r["property"] == "green_mouth" and list(r["rows"]) == ["uncond", "λ = 30", "train plain", "train painted"]
     assert set(r["rows"]["uncond"]) == {"lambda", "property", "green_anywhere", "sample_seconds"} | {
         f"mouth_{c}" for c in MR.CLASSES}
     assert r["rows"]["train painted"]["property"] == 1.0 and r["rows"]["train plain"]["green_anywhere"] == 0.0
-    assert load_checkpoint(r["classifier"], "classifier")["config"]["data"]["index_list"] == str(idx)
+    assert load_checkpoint(out, "classifier")["config"]["data"]["index_list"] == str(idx)
+    assert os.path.exists(os.path.join(out, "grid.png"))
