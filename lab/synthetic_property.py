@@ -57,7 +57,8 @@ def render_ring(x: int, y: int, size: int) -> np.ndarray:
 
 
 def paint_rings(images: np.ndarray, index=None) -> np.ndarray:
-    """uint8 [N, S, S, C] circles, each disc replaced by the ring at its (rounded) centre."""
+    """uint8 [N, S, S, C] circles, each disc replaced by the ring at its (rounded) centre (``index``:
+    the painter interface, unused). At 32 px the border cuts the ring of a corner disc in two."""
     out = images.copy()
     for im in out:
         for x, y in np.rint(detect_discs(im[..., 0])).astype(int):
@@ -137,6 +138,7 @@ def face_landmarks(data_dir: str, files) -> np.ndarray:
 
 
 def strongly_green(images: np.ndarray) -> np.ndarray:
+    """bool [N, S, S]: G >= 100 and G - max(R, B) >= 60 (no skin, hair, lip, shirt or background)."""
     x = images.astype(np.int32)
     return (x[..., 1] >= 100) & (x[..., 1] - np.maximum(x[..., 0], x[..., 2]) >= 60)
 
