@@ -41,19 +41,28 @@ def components(img: np.ndarray, threshold: int = THRESHOLD):
     img = np.asarray(img)
     if img.ndim == 3:
         img = img.mean(-1).astype(np.uint8)
-    r, area = expected_disc(img.shape[1])
-    box = (2 * r + 1) + 2  # the disc's extent plus one pixel of slack on each side
     mask = (img >= threshold).astype(np.uint8)
     _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     discs, specks, blobs = [], 0, 0
     for (_, _, w, h, a), c in zip(stats[1:], centroids[1:]):  # label 0 is the background
-        if w > box or h > box or a > 2 * area:
+        kind = component_kind(w, h, a, img.shape[1])
+        if kind == "blob":
             blobs += 1
-        elif a < 0.5 * area:
+        elif kind == "speck":
             specks += 1
         else:
             discs.append(c)
     return np.asarray(discs, dtype=np.float64).reshape(-1, 2), specks, blobs
+
+
+def component_kind(w: int, h: int, area: int, size: int) -> str:
+    """disc, speck or blob: one component of bounding box w x h and ``area`` lit pixels in an
+    image of ``size`` px (the rule in the module docstring)."""
+    r, expected = expected_disc(size)
+    box = (2 * r + 1) + 2  # the disc's extent plus one pixel of slack on each side
+    if w > box or h > box or area > 2 * expected:
+        return "blob"
+    return "speck" if area < 0.5 * expected else "disc"
 
 
 def detect_discs(img: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:

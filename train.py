@@ -59,8 +59,9 @@ RESUMABLE = {"steps", "clf_steps", "save_every", "log_every"}
 LOCATION = {"data_dir", "cache_dir"}
 
 
-def load_data(dcfg, dist: Dist = Dist()):
-    """The training set of a run's data config, as this rank's shard under DDP."""
+def load_data(dcfg, dist: Dist = Dist(), wrap=None):
+    """The training set of a run's data config, as this rank's shard under DDP. ``wrap(data)``
+    replaces the whole set before sharding (e.g. lab/synthetic_property's overlaid images)."""
     if dcfg.dataset == "circles":
         from toy_circles import CirclesData
         data = CirclesData(dcfg.image_size, dcfg.delta, dcfg.flip, dcfg.channels, bands=dcfg.bands)
@@ -78,6 +79,7 @@ def load_data(dcfg, dist: Dist = Dist()):
             data.labels = corner_classes(data.labels)
     else:
         raise UserError(f"unknown dataset {dcfg.dataset!r}; choose one of {C.DATASETS}")
+    data = wrap(data) if wrap else data
     return data if dist.world == 1 else Shard(data, dist.rank, dist.world)
 
 
@@ -202,14 +204,15 @@ def train_ddpm(args, device, dist: Dist, pending=()) -> str:
     return ckpt_path(args.out, "ddpm")
 
 
-def train_classifier(args, device, dist: Dist, spectral: bool, pending=()) -> str:
+def train_classifier(args, device, dist: Dist, spectral: bool, pending=(), wrap=None) -> str:
+    """``wrap``: see ``load_data`` (images and labels other than the run's, same config)."""
     name = "classifier_sn" if spectral else "classifier"
     cfg, preset, ck = resolve_config(args, name, device, pending)
     cc, tc = cfg["classifier"], cfg["train"]
     seed = tc.seed + (1000 if spectral else 0)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)
-    data = load_data(cfg["data"], dist)
+    data = load_data(cfg["data"], dist, wrap)
     bs = per_rank(cc.clf_batch_size, dist)
     with config_errors():
         diffusion = GaussianDiffusion.from_config(cfg["diffusion"])  # q_sample on the CPU batch

@@ -12,4 +12,5 @@ evaluate.method_samples / summarize / metrics_of) and runs from the repository r
     python -m lab.table                            # all of the above as one table
     python -m lab.interpolate --run runs/circles --out runs/circles/interp   # App. M
     python -m lab.edit --run runs/circles --out runs/circles/edit           # App. N
+    python -m lab.synthetic_property --run runs/circles                    # App. E (rings; faces: green mouths)
 """

@@ -27,8 +27,9 @@ TARGET = os.path.join(ROOT, "RESULTS.md")
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "LAB.md")]
 BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes|index) -->\n)(.*?)(<!-- /results -->)", re.S)
 # Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
-ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "antialias", "circles64",
-         "variants", "faces_pipeline", "faces_slerp", "faces_edit", "lab", "lab_exercises", "train_speed",
+ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "synthetic_property_circles",
+         "antialias", "circles64", "variants", "faces_pipeline", "faces_slerp", "faces_edit",
+         "synthetic_property_faces", "lab", "lab_exercises", "train_speed",
          "speed_ideas"]
 
 HEADER = """# Results
