@@ -74,14 +74,14 @@ def plot(curve, final, size, target, path):
                                                                                       if k == "accuracy" else ""))
     a.axhline(100 * target, color="grey", lw=0.8, ls=":")
     a.set(xlabel="training step", ylabel="% of unguided samples", ylim=(-2, 102),
-          title=f"step {steps[-1]}: {curve[-1]['minutes']:.0f} training minutes")
+          title=f"step {steps[-1]}: {curve[-1]['minutes']:.1f} training minutes")
     a.legend(fontsize=7)
     for name, m in final.items():
         cols = {int(k): v for k, v in m["column_counts"].items()}
         b.step([c / (size - 1) for c in sorted(cols)], [cols[c] for c in sorted(cols)], where="mid",
                label=f"{name}: accuracy {m['accuracy']:.0%}, one disc {m['one_disc']:.0%}")
     b.axvspan(0.2, 0.8, color="grey", alpha=0.1)
-    b.set(xlabel="z of the detected disc (shaded: the unseen middle)", ylabel="samples")
+    b.set(xlabel="z of the detected disc (shaded: the unseen middle)", ylabel="samples", xlim=(0, 1))
     b.legend(fontsize=7)
     fig.tight_layout()
     save(fig, path)
@@ -151,8 +151,8 @@ def main(argv=None):
              f"against {100 * final['unguided']['accuracy']:.1f} % unguided."]
     path = rec.write({"curve": curve, "final": {k: {kk: m[kk] for kk in FINAL} for k, m in final.items()},
                       "stopped": why, "schedule_steps": a.steps, "chunk": a.chunk, "target": a.target},
-                     seeds={"ddpm": [a.seed], "sampling": [0], "classifier": a.clf}, n=a.n_final, tables=tables,
-                     notes=notes)
+                     seeds={"ddpm": [a.seed], "sampling": [0], "classifier pair": [a.clf]}, n=a.n_final,
+                     tables=tables, notes=notes)
     print(f"wrote {path}")
 
 

@@ -38,8 +38,9 @@ from sample import load_ddpm  # noqa: E402
 from results.record import Recorder  # noqa: E402
 
 BATCH = SampleConfig.batch_size   # evaluate.py's, so faces_pipeline's cached multi samples are reused
-KEYS = ("n", "hist_mse", "hist_kld", "frac_03_07", "z_frac_03_07", "edge_p", "mouth_mild", "mouth_faded",
-        "mouth_doubled", "mouth_n", "sample_seconds")
+KEYS = ("n", "hist_mse", "hist_kld", "mean_p", "frac_03_07", "frac_04_06", "z_frac_03_07", "z_frac_04_06", "edge_p",
+        "mouth_mild", "mouth_clear", "mouth_faded", "mouth_doubled", "mouth_other", "mouth_n", "sample_seconds",
+        "lambdas", "cfg_lambda")
 
 
 def ensure_cfg_run(run, data, index, seed, flags):
@@ -90,7 +91,8 @@ def main(argv=None):
     lam = lambda v: EF.default_lambdas(m, v)  # noqa: E731
     # (row name, run, cache tag, guidance, classifier, λ per class)
     rows = [("cfg, null label (unguided)", cfg_run, "uncond", "none", None, None),
-            (f"cfg λ = {a.scale:g} (per class {(1 + a.scale) / m:g})", cfg_run, f"cfg_{a.scale:g}", "cfg", None, a.scale),
+            (f"cfg λ = {a.scale:g} (per class {(1 + a.scale) / m:g})", cfg_run, f"cfg_{a.scale:g}", "cfg", None,
+             a.scale),
             (f"cfg λ = {matched:g} (per class {a.scale:g})", cfg_run, f"cfg_{matched:g}", "cfg", None, matched)]
     clf_models = None
     if all(os.path.exists(ckpt_path(clf_run, n)) for n in ("ddpm", "classifier")):
@@ -111,7 +113,8 @@ def main(argv=None):
         print(f"{name}: p in [0.3, 0.7] {metrics[name]['frac_03_07']:.1%}, KLD {metrics[name]['hist_kld']:.3f}",
               flush=True)
     train_all, _ = EF.train_images(cfg)
-    metrics["train (filtered extremes)"], values["train (filtered extremes)"] = row_metrics(train_all, clfs, zregs, attr)
+    train_row = "train (filtered extremes)"
+    metrics[train_row], values[train_row] = row_metrics(train_all, clfs, zregs, attr)
     plot(values, rec.figure_path("faces_cfg.png"))
     pct = lambda r, k: f"{100 * r[k]:.1f} %" if k in r else "–"  # noqa: E731
     trows = [[name, r["n"], f"{r['hist_mse']:.3f}", f"{r['hist_kld']:.3f}", pct(r, "frac_03_07"),
@@ -127,9 +130,7 @@ def main(argv=None):
     notes = [f"Matched strength (λ = {matched:g}): true z in [0.3, 0.7] for {pct(metrics[cfg_row], 'z_frac_03_07')} "
              f"of the cfg samples" + (f" against {pct(metrics[clf_row], 'z_frac_03_07')} with the classifier"
                                       if clf_row else "") + "."]
-    path = rec.write({k: {kk: v.get(kk) for kk in KEYS + ("lambdas", "cfg_lambda", "mouth_clear", "mouth_other",
-                                                           "frac_04_06", "z_frac_04_06", "mean_p")}
-                      for k, v in metrics.items()},
+    path = rec.write({k: {kk: v.get(kk) for kk in KEYS} for k, v in metrics.items()},
                      seeds={"ddpm": [a.seed], "sampling": [0]}, n=a.n, tables=tables, notes=notes)
     print(f"wrote {path}")
 
