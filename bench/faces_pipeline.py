@@ -1,16 +1,24 @@
-"""The CelebA pipeline (§4.3 filter, §5.1 histograms) end to end on the face stand-in
-(results/faces_pipeline.json).
+"""The CelebA pipeline (§4.3 filter, §5.1 histograms, §5.3 λ sweep, §6 two attributes) end to end on
+the face stand-in (results/faces_pipeline.json).
 
-    python bench/faces_pipeline.py [--root runs/faces_bench] [--seed 0] [--n 512]
+    python bench/faces_pipeline.py [--root runs/faces_bench] [--seed 0] [--n 512] [--sweep-n 256]
 
-Runs the README's four stand-in commands as subprocesses, timed stage by stage:
+Runs the README's stand-in commands as subprocesses, timed stage by stage (DATA = --data, R = --root):
     python toy_faces.py --out DATA --n 20000
-    python data_filter.py --data-dir DATA --attribute Smiling --out ROOT/filter
-    python train.py --dataset celeba --data-dir DATA --index-list ROOT/filter/index.txt --out ROOT/faces
-    python evaluate.py --run ROOT/faces --n N
-then records the filter's counts per stage with the true z_smile range of what it kept, and the
-evaluation's histogram metrics of calibrated p(Smiling) (MSE / KLD against uniform, App. B) and the
-fractions of mild faces by p and by the true-latent regressor, beside the paper's §5.1 numbers.
+    python data_filter.py --data-dir DATA --attribute Smiling --out R/filter                # §4.3
+    python train.py --dataset celeba --data-dir DATA --index-list R/filter/index.txt --out R/faces
+    python evaluate.py --run R/faces --n N                                                   # §5.1
+    python evaluate.py --run R/faces --sweep 3.5,10,30,50,75,100 --n SWEEP_N                 # §5.3
+    python data_filter.py --data-dir DATA --attribute Black_Hair --out R/filter_hair         # §6
+    python data_filter.py --intersect R/filter/index.txt,R/filter_hair/index.txt --out-list R/index_two.txt
+    python train.py --dataset celeba --data-dir DATA --attribute Smiling,Black_Hair \\
+        --index-list R/index_two.txt --out R/two
+    python evaluate.py --run R/two --n N --eval-classifier R/filter/eval_Smiling.pt,R/filter_hair/eval_Black_Hair.pt
+then records the filter's counts per stage with the true z_smile range of what it kept; §5.1's
+histogram metrics of calibrated p(Smiling) (MSE / KLD against uniform, App. B), the fractions of mild
+faces by p, by the true-latent regressor and by the mouth readout (mouth_readout.py); the sweep's
+metrics per λ; and §6's central square (both p in [0.3, 0.7]) by calibrated p and by true z.
+--stages names a subset (a stage's inputs must exist from an earlier run).
 """
 import argparse
 import json
@@ -25,7 +33,39 @@ sys.path.insert(0, ROOT)
 from results.record import Recorder  # noqa: E402
 
 PAPER = {"uncond": "0.64 / 3.5", "multi": "0.13 / 0.61", "train": "0.56 / 3.17"}
-KEYS = ("hist_mse", "hist_kld", "frac_03_07", "z_frac_03_07")
+SWEEP = "3.5,10,30,50,75,100"
+STAGES = ("faces", "filter", "train", "evaluate", "sweep", "filter_hair", "intersect", "train_two",
+          "evaluate_two")
+
+
+def commands(a, py=sys.executable) -> dict:
+    r = a.root
+    filt, hair, run, two = (os.path.join(r, d) for d in ("filter", "filter_hair", "faces", "two"))
+    index_two = os.path.join(r, "index_two.txt")
+    return {
+        "faces": [py, "toy_faces.py", "--out", a.data, "--n", "20000"],
+        "filter": [py, "data_filter.py", "--data-dir", a.data, "--attribute", "Smiling", "--out", filt],
+        "train": [py, "train.py", "--dataset", "celeba", "--data-dir", a.data, "--index-list",
+                  os.path.join(filt, "index.txt"), "--out", run, "--seed", str(a.seed)],
+        "evaluate": [py, "evaluate.py", "--run", run, "--n", str(a.n)],
+        "sweep": [py, "evaluate.py", "--run", run, "--sweep", SWEEP, "--n", str(a.sweep_n)],
+        "filter_hair": [py, "data_filter.py", "--data-dir", a.data, "--attribute", "Black_Hair", "--out", hair],
+        "intersect": [py, "data_filter.py", "--intersect", f"{filt}/index.txt,{hair}/index.txt",
+                      "--out-list", index_two],
+        "train_two": [py, "train.py", "--dataset", "celeba", "--data-dir", a.data, "--attribute",
+                      "Smiling,Black_Hair", "--index-list", index_two, "--out", two, "--seed", str(a.seed)],
+        "evaluate_two": [py, "evaluate.py", "--run", two, "--n", str(a.n), "--eval-classifier",
+                         f"{filt}/eval_Smiling.pt,{hair}/eval_Black_Hair.pt"],
+    }
+
+
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def main():
@@ -33,41 +73,76 @@ def main():
     p.add_argument("--root", default="runs/faces_bench")
     p.add_argument("--data", default="data/faces_bench")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--n", type=int, default=512, help="samples per method (§5.1, §6)")
+    p.add_argument("--sweep-n", type=int, default=256, help="samples per λ of the sweep (§5.3)")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     a = p.parse_args()
+    stages = [s for s in a.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stage(s) {', '.join(unknown)}; choose from {','.join(STAGES)}")
     os.chdir(ROOT)
-    rec = Recorder("faces_pipeline", "The CelebA pipeline on the face stand-in (§4.3, §5.1)")
-    filt, run = os.path.join(a.root, "filter"), os.path.join(a.root, "faces")
-    py = sys.executable
-    stages = {
-        "faces": [py, "toy_faces.py", "--out", a.data, "--n", "20000"],
-        "filter": [py, "data_filter.py", "--data-dir", a.data, "--attribute", "Smiling", "--out", filt],
-        "train": [py, "train.py", "--dataset", "celeba", "--data-dir", a.data, "--index-list",
-                  os.path.join(filt, "index.txt"), "--out", run, "--seed", str(a.seed)],
-        "evaluate": [py, "evaluate.py", "--run", run, "--n", str(a.n)],
-    }
-    secs = {}
-    for name, cmd in stages.items():
+    rec = Recorder("faces_pipeline", "The CelebA pipeline on the face stand-in (§4.3, §5.1, §5.3, §6)")
+    cmds = commands(a)
+    # Stage times persist in the root, so a command that re-runs a subset keeps the others' times.
+    secs_path = os.path.join(a.root, "stage_seconds.json")
+    secs = read(secs_path) if os.path.exists(secs_path) else {}
+    for name in STAGES:
+        if name not in stages:
+            continue
         if name == "faces" and os.path.isdir(a.data):
             shutil.rmtree(a.data)
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmds[name], check=True)
         secs[name] = round(time.time() - t0, 1)
-    with open(os.path.join(filt, "filter_summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(run, "metrics.json")) as f:
-        metrics = json.load(f)
-    rows = [[m, f"{r['hist_mse']:.3f}", f"{r['hist_kld']:.3f}", f"{100 * r['frac_03_07']:.1f} %",
-             f"{100 * r['z_frac_03_07']:.1f} %" if "z_frac_03_07" in r else "–", PAPER.get(m, "–")]
-            for m, r in metrics.items() if isinstance(r, dict) and "hist_mse" in r]
-    tables = [{"title": f"calibrated p(Smiling) of {a.n} samples per method (train: the filtered set)",
-               "columns": ["method", "hist MSE", "hist KLD", "p in [0.3, 0.7]", "true z in [0.3, 0.7]",
-                           "paper MSE / KLD (§5.1)"], "rows": rows},
-              {"title": "time per stage", "columns": list(secs),
-               "rows": [[f"{v / 60:.1f} min" for v in secs.values()]]}]
-    path = rec.write({"methods": metrics, "filter": summary, "stage_seconds": secs}, seeds=[a.seed], n=a.n,
-                     tables=tables, notes=[f"Commands: `{' '.join(c[1:] and ['python'] + c[1:])}`"
-                                           for c in stages.values()])
+        os.makedirs(a.root, exist_ok=True)
+        with open(secs_path, "w") as f:
+            json.dump(secs, f)
+
+    r = a.root
+    summary = read(os.path.join(r, "filter", "filter_summary.json"))
+    hair = read(os.path.join(r, "filter_hair", "filter_summary.json"))
+    metrics = read(os.path.join(r, "faces", "metrics.json"))
+    sweep = read(os.path.join(r, "faces", "sweep.json"))
+    two = read(os.path.join(r, "two", "metrics.json"))
+    rows = [[m, f"{v['hist_mse']:.3f}", f"{v['hist_kld']:.3f}", pct(v["frac_03_07"]), pct(v.get("z_frac_03_07")),
+             pct(v.get("mouth_mild")), pct(v.get("mouth_faded")), pct(v.get("mouth_doubled")), PAPER.get(m, "–")]
+            for m, v in metrics.items() if isinstance(v, dict) and "hist_mse" in v]
+    zs = summary.get("true_latent", {})
+
+    def zrange(stage, c):
+        st = zs.get(stage, {}).get(f"class_{c}", {})
+        return f"{st['min']:.2f}–{st['max']:.2f} ({st['in_0.3_0.7']} mild)" if st.get("n") else "–"
+    counts = [[c["stage"], c["total"], c["class_0"], c["class_1"], zrange(c["stage"], 0), zrange(c["stage"], 1)]
+              for c in summary["counts"]]
+    sweep_rows = [[lam, f"{v['hist_mse']:.3f}", f"{v['hist_kld']:.3f}", pct(v["frac_03_07"]),
+                   pct(v.get("z_frac_03_07")), pct(v.get("mouth_mild"))] for lam, v in sweep.items()]
+    square = [[m, pct(v.get("center_03_07")), pct(v.get("z_center_03_07"))]
+              for m, v in two.items() if isinstance(v, dict) and "center_03_07" in v]
+    tables = [
+        {"title": "§4.3 filter (Smiling, cpu preset): images per stage",
+         "columns": ["stage", "total", "class 0", "class 1", "true z_smile, class 0", "true z_smile, class 1"],
+         "rows": counts},
+        {"title": f"§5.1: calibrated p(Smiling) of {a.n} samples per method (train: the filtered set)",
+         "columns": ["method", "hist MSE", "hist KLD", "p in [0.3, 0.7]", "true z in [0.3, 0.7]",
+                     "mouth mild", "mouth faded", "mouth doubled", "paper MSE / KLD (§5.1)"], "rows": rows},
+        {"title": f"§5.3: multi-guidance at λ for every class, {a.sweep_n} samples per λ",
+         "columns": ["λ", "hist MSE", "hist KLD", "p in [0.3, 0.7]", "true z in [0.3, 0.7]", "mouth mild"],
+         "rows": sweep_rows},
+        {"title": f"§6: Smiling × Black_Hair, {a.n} samples per method: the central square (both in [0.3, 0.7])",
+         "columns": ["method", "by calibrated p", "by true-z proxy"], "rows": square},
+    ]
+    if secs:
+        tables.append({"title": "time per stage (min)", "columns": list(secs),
+                       "rows": [[f"{v / 60:.1f}" for v in secs.values()]]})
+    for src, name in (("faces/hist_p.png", "faces_hist_p.png"), ("faces/sweep.png", "faces_sweep.png"),
+                      ("two/heatmap_2d.png", "faces_heatmap_2d.png"), ("two/heatmap_2d_z.png", "faces_heatmap_2d_z.png")):
+        if os.path.exists(os.path.join(r, src)):
+            shutil.copy(os.path.join(r, src), rec.figure_path(name))
+    notes = [f"Commands: `{' '.join(['python'] + c[1:])}`" for n_, c in cmds.items() if n_ in stages]
+    path = rec.write({"methods": metrics, "sweep": sweep, "two_attributes": two, "filter": summary,
+                      "filter_hair": hair, "stage_seconds": secs}, seeds=[a.seed],
+                     n={"methods": a.n, "sweep": a.sweep_n}, tables=tables, notes=notes)
     print(f"wrote {path}")
 
 

@@ -24,7 +24,7 @@ from checkpoint import pick_device  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from toy_circles import CirclesData  # noqa: E402
 from models import build_model  # noqa: E402
-from results.record import matmul_gflops  # noqa: E402
+from results.record import Recorder, matmul_gflops  # noqa: E402
 
 
 def _attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -103,10 +103,13 @@ def main():
             step()
         return (time.perf_counter() - t0) / a.steps, flops, compile_s, model
 
-    peak = matmul_peak()
+    default = a.preset == "cpu" and cfg["unet"].arch == "unet"
+    rec = Recorder("train_speed" if default else f"train_speed_{a.preset}_{cfg['unet'].arch}",
+                   "Training throughput of the DDPM and its model FLOP utilisation")
+    peak = rec.gflops_before * 1e9
     print(f"preset {a.preset}, arch {cfg['unet'].arch}, {cfg['data'].image_size}px, batch {bs}, "
           f"threads {torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    rows = {}
+    rows, table = {}, []
     for layout in ("nchw", "channels_last"):
         dt, flops, _, model = timed(layout)
         rows[layout] = dt
@@ -116,6 +119,8 @@ def main():
             step_flops = flops
         print(f"train step, {layout:13s}: {dt * 1e3:5.0f} ms -> {bs / dt:4.0f} images/s, "
               f"{step_flops / dt / 1e9:4.0f} GFLOP/s = {step_flops / dt / peak:4.0%} of the matmul peak")
+        table.append([layout, f"{dt * 1e3:.0f} ms", f"{bs / dt:.0f}", f"{step_flops / dt / 1e9:.0f}",
+                      f"{step_flops / dt / peak:.0%}"])
     # Unlike sampling, training stays NCHW: channels_last gains nothing there (why: RESULTS.md#speed_ideas).
     print(f"channels_last / nchw: {rows['nchw'] / rows['channels_last']:.2f}x speed-up "
           f"(train.py trains in NCHW; sampling uses channels_last)")
@@ -129,8 +134,16 @@ def main():
             pays = f"pays for itself after {compile_s / saved:.0f} steps" if saved > 0 else "never pays"
             print(f"train step, compiled     : {dt * 1e3:5.0f} ms ({step_flops / dt / 1e9:.0f} GFLOP/s) after "
                   f"a {compile_s:.0f} s compile: {pays} (the cpu preset trains {cfg['train'].steps})")
-    peak_after = matmul_peak()
-    print(f"fp32 matmul peak again at the end: {peak_after / 1e9:.0f} GFLOP/s (a drop means a busy machine)")
+            rows["compiled"], rows["compile_seconds"] = dt, compile_s
+            table.append([f"nchw + torch.compile ({compile_s:.0f} s to compile; {pays})", f"{dt * 1e3:.0f} ms",
+                          f"{bs / dt:.0f}", f"{step_flops / dt / 1e9:.0f}", f"{step_flops / dt / peak:.0%}"])
+    path = rec.write({"step_seconds": rows, "flops_per_step": step_flops, "batch_size": bs,
+                      "params": sum(p.numel() for p in model.parameters())}, seeds=[0], n=a.steps, tables=[{
+        "title": f"one DDPM optimizer step, preset {a.preset}, arch {cfg['unet'].arch}, batch {bs}, "
+                 f"{step_flops / 1e9:.2f} GFLOP per step (forward + backward), mean of {a.steps} steps",
+        "columns": ["layout", "step", "images/s", "GFLOP/s", "of the matmul peak"], "rows": table}])
+    print(f"fp32 matmul peak before / after: {rec.gflops_before:.0f} GFLOP/s (a drop means a busy machine); "
+          f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,21 +16,18 @@ see the data and the noise schedule, not the DDPM.
 
 Columns: unconditional middle fraction (one disc with z in [0.2, 0.8]); multi-guidance accuracy
 (the same, guided), its 0-disc and 2+-disc rates, histogram MSE / KLD vs uniform (App. B); training
-wall time of the DDPM (as its checkpoint recorded it) and sampling seconds per 100 images. Wall
-times are quoted beside the fp32 matmul GFLOP/s measured in the same run (machines differ). Writes
-<root>/variants.json (rows of earlier commands are kept).
+wall time of the DDPM (as its checkpoint recorded it) and sampling seconds per 100 images. Writes
+results/variants.json (with the matmul peak of the same run beside the wall times) after every row.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import pick_device  # noqa: E402
-from train_speed import matmul_peak  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from results.record import Recorder  # noqa: E402
 
 # DDPM runs: name -> extra train.py flags.
 RUNS = {
@@ -76,15 +73,19 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="training seed of every network")
     p.add_argument("--lambdas", default="30,30")
     p.add_argument("--only", default="", help=f"comma-separated runs from {','.join(RUNS)} (default: all)")
+    p.add_argument("--reuse", default=None, metavar="TABLE_ROOT",
+                   help="link the networks that bench/circles_table.py and bench/cfg_matched.py trained under "
+                        "this root with the same command and seed (unet_fixed, unet_cfg, the classifier pair) "
+                        "instead of training them again")
     a = p.parse_args()
     only = [r for r in a.only.split(",") if r]
     for r in only:
         if r not in RUNS:
             p.error(f"unknown run {r!r}; choose from {', '.join(RUNS)}")
     pick_device("cpu")
-    peak = matmul_peak()
-    t_start = time.time()
+    rec = Recorder("variants", "Does interpolation survive every modelling choice? (§2.2, App. A, C, J)")
     clf_dir = os.path.join(a.root, "classifiers")
+    reused = link_reused(a.reuse, a.root, a.seed) if a.reuse else []
     if not os.path.exists(os.path.join(clf_dir, "classifier_sn.pt")):
         train.main(["--dataset", "circles", "--model", "classifier", "--seed", str(a.seed), "--out", clf_dir])
     results = {}
@@ -93,31 +94,43 @@ def main():
         m = evaluate.evaluate_run(out, a.n, lambdas=a.lambdas, methods=methods, figures=False,
                                   write_metrics=False, log=lambda *_: None, **kw)
         guided = m.get("multi") or m.get("cfg")
-        row = {"uncond_middle": m["uncond"]["accuracy"] if "uncond" in m else None,
-               "accuracy": guided["accuracy"], "zero_disc": guided["zero_disc"],
-               "two_plus_disc": guided["two_plus_disc"], "blob": guided["blob"],
-               "hist_mse": guided["hist_mse"], "hist_kld": guided["hist_kld"],
-               "train_min": _train_seconds(out) / 60,
-               "sample_s_per_100": 100 * sum(v["sample_seconds"] for v in m.values()) / (a.n * len(m))}
-        results[name] = row
-        print(f"{name:<28}" + "  ".join(f"{k} {_fmt(k, v)}" for k, v in row.items()), flush=True)
+        results[name] = {"uncond_middle": m["uncond"]["accuracy"] if "uncond" in m else None,
+                         "accuracy": guided["accuracy"], "zero_disc": guided["zero_disc"],
+                         "two_plus_disc": guided["two_plus_disc"], "blob": guided["blob"],
+                         "hist_mse": guided["hist_mse"], "hist_kld": guided["hist_kld"],
+                         "train_min": _train_seconds(out) / 60,
+                         "sample_s_per_100": 100 * sum(v["sample_seconds"] for v in m.values()) / (a.n * len(m))}
+        print(name, "  ".join(f"{k} {_fmt(k, v)}" for k, v in results[name].items()), flush=True)
+        # Written after every row, so an interrupted command keeps what it measured.
+        path = rec.write({"rows": results}, seeds=[a.seed], n=a.n, tables=[table(results, a)],
+                         notes=[f"Linked, not retrained (same command and seed): {', '.join(reused)}."] if reused else [])
+    print(f"{len(results)} rows; wrote {path}")
 
-    print(f"\n{'variant':<28}{'uncond mid':>11}{'guided acc':>11}{'0-disc':>8}{'2+disc':>8}{'blob':>7}"
-          f"{'MSE':>7}{'KLD':>7}{'train min':>10}{'s/100 smp':>10}")
-    for name, r in results.items():
-        print(f"{name:<28}{_fmt('uncond_middle', r['uncond_middle']):>11}{_fmt('accuracy', r['accuracy']):>11}"
-              f"{_fmt('zero_disc', r['zero_disc']):>8}{_fmt('two_plus_disc', r['two_plus_disc']):>8}"
-              f"{_fmt('blob', r['blob']):>7}{r['hist_mse']:>7.3f}{r['hist_kld']:>7.3f}"
-              f"{r['train_min']:>10.1f}{r['sample_s_per_100']:>10.1f}")
-    wall = time.time() - t_start
-    out = os.path.join(a.root, "variants.json")
-    if os.path.exists(out):  # rows of earlier commands (e.g. --only) stay, this command's replace theirs
-        results = {**json.load(open(out))["rows"], **results}
-    with open(out, "w") as f:
-        json.dump({"n": a.n, "lambdas": a.lambdas, "seed": a.seed, "rows": results,
-                   "wall_seconds": wall, "matmul_gflops": peak / 1e9}, f, indent=2)
-    print(f"\n{len(results)} rows in {wall / 60:.1f} min (training included when it ran in this command); "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; wrote {out}")
+
+def link_reused(table_root, root, seed) -> list:
+    """Symlink <table_root>'s DDPMs / classifiers of ``seed`` into ``root``; return what was linked."""
+    pairs = [(f"ddpm_seed{seed}/ddpm.pt", "unet_fixed/ddpm.pt"), (f"cfg_seed{seed}/ddpm.pt", "unet_cfg/ddpm.pt"),
+             (f"clf_seed{seed}/classifier.pt", "classifiers/classifier.pt"),
+             (f"clf_seed{seed}/classifier_sn.pt", "classifiers/classifier_sn.pt")]
+    linked = []
+    for src, dst in pairs:
+        src, dst = os.path.abspath(os.path.join(table_root, src)), os.path.join(root, dst)
+        if os.path.exists(src) and not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(src, dst)
+            linked.append(os.path.relpath(dst, root))
+    return linked
+
+
+def table(results, a) -> dict:
+    cols = ["variant", "uncond middle", "guided accuracy", "0 disc", "2+ discs", "blob", "hist MSE", "hist KLD",
+            "DDPM train (min)", "s / 100 samples"]
+    rows = [[name, _fmt("uncond_middle", r["uncond_middle"]), _fmt("accuracy", r["accuracy"]),
+             _fmt("zero_disc", r["zero_disc"]), _fmt("two_plus_disc", r["two_plus_disc"]), _fmt("blob", r["blob"]),
+             f"{r['hist_mse']:.3f}", f"{r['hist_kld']:.3f}", f"{r['train_min']:.1f}", f"{r['sample_s_per_100']:.1f}"]
+            for name, r in results.items()]
+    return {"title": f"λ = [{a.lambdas}], {a.n} samples per method and row, training seed {a.seed}",
+            "columns": cols, "rows": rows}
 
 
 def _train_seconds(run) -> float:

@@ -66,7 +66,11 @@ def command_line(argv=None) -> str:
     """The command as a user would type it from the repository root."""
     argv = list(sys.argv if argv is None else argv)
     if argv and os.path.isabs(argv[0]) and argv[0].startswith(ROOT + os.sep):
-        argv[0] = os.path.relpath(argv[0], ROOT)
+        rel = os.path.relpath(argv[0], ROOT)
+        # A module of a package (lab/table.py) was run as `python -m lab.table`.
+        if os.path.exists(os.path.join(os.path.dirname(argv[0]), "__init__.py")) and rel.endswith(".py"):
+            return "python -m " + " ".join([rel[:-3].replace(os.sep, ".")] + [shlex.quote(a) for a in argv[1:]])
+        argv[0] = rel
     return "python " + " ".join(shlex.quote(a) for a in argv)
 
 

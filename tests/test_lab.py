@@ -60,3 +60,16 @@ def test_lab_command_parses(script, argv):
     args = parser.parse_args(argv)
     typed = {a.lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
     assert typed <= set(vars(args)), typed - set(vars(args))
+
+
+def test_lab_exercises_bench_reads_every_exercise_and_moves_every_run_path():
+    spec = importlib.util.spec_from_file_location("lab_exercises", os.path.join(ROOT, "bench", "lab_exercises.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ex = mod.exercises(LAB)
+    assert sorted(ex) == list(range(1, len(ex) + 1)) and len(ex) == len(re.findall(r"\n## \d+\. ", LAB))
+    assert sum(len(c) for _, c in ex.values()) == len(commands())
+    moved = [mod.relocate(c, "S") for _, cs in ex.values() for c in cs]
+    assert not any(w.startswith("runs/") for c in moved for w in c)
+    assert mod.relocate(["python", "train.py", "--dataset", "circles"], "S")[-2:] == ["--out", os.path.join("S", "circles")]
+    assert mod.evaluated(["python", "evaluate.py", "--run", "S/c", "--methods", "multi,multi_sn"]) == ("S/c", ("multi", "multi_sn"))

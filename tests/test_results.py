@@ -64,3 +64,10 @@ def test_doc_blocks_are_filled_from_json_and_a_hand_edit_is_caught(tmp_path):
     assert render.main(["--check"] + args) == 0
     doc.write_text(text.replace("93.0 %", "95.0 %"))
     assert render.main(["--check"] + args) == 1
+
+
+def test_command_line_is_what_a_user_types_from_the_repository_root():
+    from results.record import ROOT as R, command_line
+    assert command_line([os.path.join(R, "bench", "quickstart.py"), "--out", "runs/x y"]) == \
+        "python bench/quickstart.py --out 'runs/x y'"
+    assert command_line([os.path.join(R, "lab", "table.py"), "--n", "8"]) == "python -m lab.table --n 8"
