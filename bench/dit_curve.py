@@ -8,7 +8,7 @@ Trains a DiT DDPM (train.py --arch dit --model ddpm, cpu preset) whose learning-
 length whatever the chunks). After each chunk it draws --n unguided samples (the run's respaced
 ancestral steps, seed 0) and measures the clean-sample rate: the fraction holding exactly one disc
 (detector.py). It stops at the first chunk whose rate reaches --target, when the training time
-(the checkpoint's own clock) reaches --max-minutes, or at --steps. The curve is kept in
+(the checkpoint's own clock, checked after each chunk) reaches --max-minutes, or at --steps. The curve is kept in
 <out>/curve.json, so a stopped call continues where it was.
 
 Then the final model, --n-final samples per method: unguided, and multi-guided at λ = --lambdas
@@ -36,14 +36,17 @@ FINAL = RATES + ("hist_mse", "hist_kld", "hist_n", "sample_seconds")
 
 def link_classifiers(out: str, clf_dir: str) -> None:
     """<out>/classifier{,_sn}.pt as links to the pair in ``clf_dir`` (nothing to do when it is ``out``)."""
+    names = ("classifier.pt", "classifier_sn.pt")
+    for name in names:
+        if not os.path.exists(os.path.join(clf_dir, name)):
+            raise UserError(f"no {os.path.join(clf_dir, name)}; train the pair with python bench/circles_table.py "
+                            f"(or python train.py --model classifier --out {clf_dir}), or point --clf at a "
+                            "folder holding it")
+    os.makedirs(out, exist_ok=True)
     if os.path.realpath(clf_dir) == os.path.realpath(out):
         return
-    for name in ("classifier.pt", "classifier_sn.pt"):
-        src = os.path.join(clf_dir, name)
-        if not os.path.exists(src):
-            raise UserError(f"no {src}; train the pair with python bench/circles_table.py (or python train.py "
-                            f"--model classifier --out {clf_dir}), or point --clf at a folder holding it")
-        link = os.path.join(out, name)
+    for name in names:
+        src, link = os.path.join(clf_dir, name), os.path.join(out, name)
         if os.path.lexists(link):
             os.remove(link)
         os.symlink(os.path.relpath(os.path.abspath(src), os.path.abspath(out)), link)
@@ -103,11 +106,10 @@ def main(argv=None):
     a, flags = p.parse_known_args(argv)
     if a.chunk < 1 or a.steps < 1 or a.n < 1 or a.n_final < 1:
         raise UserError("--steps, --chunk, --n and --n-final must be positive")
+    device = pick_device("cpu")
+    link_classifiers(a.out, a.clf)   # first: a missing pair is reported before an hour of training
     rec = Recorder("dit_curve", "The DiT's learning curve and its multi-guided accuracy (App. J)",
                    argv=None if argv is None else [os.path.abspath(__file__), *argv])
-    device = pick_device("cpu")
-    os.makedirs(a.out, exist_ok=True)
-    link_classifiers(a.out, a.clf)   # first: a missing pair is reported before an hour of training
     curve_path = os.path.join(a.out, "curve.json")
     step = load_checkpoint(a.out, "ddpm")["step"] if os.path.exists(ckpt_path(a.out, "ddpm")) else 0
     curve = []

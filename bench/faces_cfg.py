@@ -76,13 +76,13 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=30.0, help="the classifier's λ per class")
     p.add_argument("--zreg-steps", type=int, default=ZREG_STEPS, help="steps of the true-z regressor")
     a, flags = p.parse_known_args(argv)
-    rec = Recorder("faces_cfg", "Classifier-free multi-guidance on the face stand-in (App. J, Fig. S19b)",
-                   argv=None if argv is None else [os.path.abspath(__file__), *argv])
     device = pick_device("cpu")
     index = os.path.join(a.root, "filter", "index.txt")
     if not os.path.isfile(index) or not os.path.isdir(a.data):
         raise UserError(f"no filtered stand-in at {index} and {a.data}; run python bench/faces_pipeline.py "
                         f"--root {a.root} --data {a.data} first")
+    rec = Recorder("faces_cfg", "Classifier-free multi-guidance on the face stand-in (App. J, Fig. S19b)",
+                   argv=None if argv is None else [os.path.abspath(__file__), *argv])
     cfg_run, clf_run = os.path.join(a.root, "faces_cfg"), os.path.join(a.root, "faces")
     ensure_cfg_run(cfg_run, a.data, index, a.seed, flags)
     models, cfg, clfs, zregs = EF.setup(cfg_run, device, zreg_steps=a.zreg_steps)
