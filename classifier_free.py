@@ -127,6 +127,11 @@ def describe(lambdas, form: str) -> dict:
             "cfg_null_weight": c_null, "cfg_average_weight": c_cond}
 
 
+def record(lambdas: str, num_classes: int, form: str) -> dict:
+    """``describe`` of the --lambdas text of a run with ``num_classes`` classes, the text beside it."""
+    return {"lambdas": lambdas, **describe(parse_lambdas(lambdas, num_classes), form)}
+
+
 def guided_model(net, cfg, lambdas: str | None = None, scale: float = 30.0, form: str = "affine",
                  device="cpu", run: str = "") -> ClassifierFreeGuided:
     """The classifier-free multi-guided wrapper of a run's DDPM (one-line errors for bad input)."""

@@ -202,24 +202,28 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def select_methods(run: str, methods=None, log=print, class_cond: bool = False) -> list:
+def select_methods(run: str, methods=None, log=print, class_cond: bool = False, table=None,
+                   defaults=DEFAULT_METHODS) -> list:
     """The methods to evaluate. Named ones must have their classifier (else a one-line error);
-    by default (None) every method whose checkpoints exist, with one line naming the skipped ones.
-    ``cfg`` needs a class-conditional DDPM (``class_cond``): by default it is left out without one."""
+    by default (None) every method of ``defaults`` whose checkpoints exist, with one line naming the
+    skipped ones. ``cfg`` needs a class-conditional DDPM (``class_cond``): by default it is left out
+    without one. ``table``: {method: (guidance, classifier)} (default: METHODS; evaluate_faces
+    passes its own)."""
+    table = METHODS if table is None else table
     requested = methods is not None
-    methods = [m for m in DEFAULT_METHODS if m != "cfg" or class_cond] if methods is None else list(methods)
+    methods = [m for m in defaults if m != "cfg" or class_cond] if methods is None else list(methods)
     for m in methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in table:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(table)}")
     if "cfg" in methods:
         from classifier_free import require_class_cond
         require_class_cond(class_cond, run, "method cfg")
     if not methods:
-        raise UserError(f"no method to evaluate; choose from {', '.join(METHODS)}")
-    missing = [m for m in methods if METHODS[m][1] and not os.path.exists(ckpt_path(run, METHODS[m][1]))]
+        raise UserError(f"no method to evaluate; choose from {', '.join(table)}")
+    missing = [m for m in methods if table[m][1] and not os.path.exists(ckpt_path(run, table[m][1]))]
     if not missing:
         return methods
-    files = ", ".join(sorted({os.path.basename(ckpt_path(run, METHODS[m][1])) for m in missing}))
+    files = ", ".join(sorted({os.path.basename(ckpt_path(run, table[m][1])) for m in missing}))
     fix = f"python train.py --out {run} --model classifier"
     if requested:
         many = len(missing) > 1
@@ -251,7 +255,7 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
                             "yet; drop them, or draw such samples with sample.py")
         import evaluate_faces
         return evaluate_faces.evaluate_run(run, n, batch_size, seed, lambdas, steps, methods, device, resample,
-                                           figures, write_metrics, log, **faces)
+                                           figures, write_metrics, log, cfg_form=cfg_form, **faces)
     if faces:
         raise UserError(f"{', '.join(sorted(faces))} only apply to CelebA runs")
     lambdas = lambdas or "30,30"
@@ -273,10 +277,8 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
                           device=torch.device(device).type, sampler=sampler, eta=eta,
                           guidance_at=guidance_at if METHODS[m][1] else "xt", classifier=METHODS[m][1])
         if METHODS[m][0] == "cfg":
-            from classifier_free import describe
-            from guidance import parse_lambdas
-            k = C.num_classes_of(cfg["data"])
-            metrics[m].update(lambdas=lambdas, **describe(parse_lambdas(lambdas, k), cfg_form))
+            from classifier_free import record
+            metrics[m].update(record(lambdas, C.num_classes_of(cfg["data"]), cfg_form))
         if figures:
             save_grid(from_uint8(images[:64]), os.path.join(run, f"grid_{m}.png"), marks=True, delta=delta,
                       edges=training_edges(cfg["data"].bands, delta))  # a --bands middle run: its band

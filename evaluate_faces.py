@@ -10,8 +10,12 @@ the run) at ``<dir of the run's index list>/eval_<Attr>.pt``, then ``<run>/eval_
 ``runs/filter_<Attr>/eval_<Attr>.pt``; ``--eval-classifier PATH[,PATH2]`` names them explicitly.
 
 Rows: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = 30 for every class, §5.1),
-``multi_sn`` when named, and ``train``: the run's training images (its index list) as the
-reference. Per row and attribute, on the p of every image:
+``multi_sn`` when named, ``cfg`` (classifier-free multi-guidance, App. J, Eq. 12: a DDPM trained with
+--class-cond, whose ``uncond`` is its null label; classifier_free.py, lambda = the mean of
+--lambdas, per-class weight (1 + lambda) / M), and ``train``: the run's training images (its index
+list) as the reference. By default uncond, multi and cfg, each where the run has what it needs (a
+classifier, a class-conditional DDPM), with one line naming the skipped ones. Per row and
+attribute, on the p of every image:
   hist_mse / hist_kld  the 100-bin histogram on [0, 1] vs uniform (histograms.py;
                        paper §5.1: multi 0.13 / 0.61, train 0.56 / 3.17, uncond 0.64 / 3.5 at
                        10k samples, 64 px);
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
-from config import SampleConfig
+from config import SampleConfig, num_classes_of
 from attributes import attribute_slug
 from celeba import CelebAData
 from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
@@ -59,8 +63,8 @@ import mouth_readout
 
 SAMPLE_BATCH = SampleConfig.batch_size
 METHODS = {"uncond": ("none", None), "multi": ("multi", "classifier"),
-           "multi_sn": ("multi", "classifier_sn")}
-DEFAULT_METHODS = ("uncond", "multi")
+           "multi_sn": ("multi", "classifier_sn"), "cfg": ("cfg", None)}
+DEFAULT_METHODS = ("uncond", "multi", "cfg")
 PAPER = {"multi": {"hist_mse": 0.13, "hist_kld": 0.61}, "train": {"hist_mse": 0.56, "hist_kld": 3.17},
          "uncond": {"hist_mse": 0.64, "hist_kld": 3.5}}  # §5.1, Smiling, 10k samples at 64 px
 PAPER_SWEEP = {75.0: {"hist_mse": 0.065, "hist_kld": 0.188}, 30.0: {"hist_mse": 0.13, "hist_kld": 0.61}}
@@ -173,15 +177,16 @@ def train_images(cfg, progress: bool = False):
 # ----------------------------------------------------------------------------------------------
 
 def cached_samples(run, tag, guidance, clf_name, n, batch_size, seed, lambdas, steps, device, models,
-                   resample=False, log=print):
+                   resample=False, log=print, cfg_form="affine"):
     """uint8 samples, read back from ``<run>/eval_<tag>.npz`` when made with the same settings."""
     from sample import generate
     stamp = [os.path.getmtime(ckpt_path(run, "ddpm"))] + \
         ([os.path.getmtime(ckpt_path(run, clf_name))] if clf_name else [])
     # Batch size and device decide each sample's noise (see evaluate.method_samples).
-    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if clf_name else None,
+    settings = json.dumps({"n": n, "seed": seed, "lambdas": lambdas if guidance != "none" else None,
                            "steps": steps, "stamp": stamp, "classifier": clf_name,
-                           "batch_size": batch_size, "device": torch.device(device).type})
+                           "batch_size": batch_size, "device": torch.device(device).type}
+                          | ({"cfg_form": cfg_form} if guidance == "cfg" else {}))
     path = os.path.join(run, f"eval_{tag}.npz")
     z = None if resample else load_npz(path, log)
     if z is not None and str(z.get("settings")) == settings and "images" in z:
@@ -189,7 +194,7 @@ def cached_samples(run, tag, guidance, clf_name, n, batch_size, seed, lambdas, s
         return z["images"], float(z.get("seconds", 0.0))
     t0 = time.time()
     x = generate(run, n, batch_size, seed, device, steps, guidance, lambdas,
-                 classifier=clf_name or "classifier", progress=True, models=models)
+                 classifier=clf_name or "classifier", progress=True, models=models, cfg_form=cfg_form)
     seconds = time.time() - t0
     images = to_uint8(x)
     save_npz(path, images=images, settings=settings, seconds=seconds)
@@ -242,7 +247,8 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
 # Entry points
 # ----------------------------------------------------------------------------------------------
 
-def _setup(run, device, eval_classifier, zreg_steps, log):
+def setup(run, device, eval_classifier=None, zreg_steps=ZREG_STEPS, log=print):
+    """(models, cfg, evaluation classifiers, z-regressors or None) of a run, checked for evaluation."""
     from evaluate import check_run_writable
     from sample import load_ddpm
     models = load_ddpm(run, device)
@@ -273,38 +279,32 @@ def load_zregressors(run, cfg, clfs, device, zreg_steps=ZREG_STEPS, log=print) -
     return zregs
 
 
-def _num_classes(run) -> int:
-    from checkpoint import load_checkpoint
-    return int(load_checkpoint(run, "classifier")["num_classes"])
-
-
 def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, steps=None, methods=None, device=None,
                  resample=False, figures=True, write_metrics=True, log=print, eval_classifier=None,
-                 zreg_steps=ZREG_STEPS, memo_rows=8) -> dict:
+                 zreg_steps=ZREG_STEPS, memo_rows=8, cfg_form="affine") -> dict:
     """Sample every method, measure it and the training set; write metrics.json and the figures."""
     from checkpoint import pick_device
+    from classifier_free import record
+    from evaluate import select_methods
     from sample import save_grid
     device = device or pick_device()
-    models, cfg, clfs, zregs = _setup(run, device, eval_classifier, zreg_steps, log)
-    methods = list(DEFAULT_METHODS if methods is None else methods)
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if METHODS[m][1] and not os.path.exists(ckpt_path(run, METHODS[m][1])):
-            raise UserError(f"method {m} needs {os.path.basename(ckpt_path(run, METHODS[m][1]))} in {run}; "
-                            f"train it with python train.py --out {run} --model classifier")
-    if any(METHODS[m][1] for m in methods):
-        lambdas = lambdas or default_lambdas(_num_classes(run))
+    models, cfg, clfs, zregs = setup(run, device, eval_classifier, zreg_steps, log)
+    methods = select_methods(run, methods, log, cfg["unet"].class_cond, METHODS, DEFAULT_METHODS)
+    k = num_classes_of(cfg["data"])
+    if any(METHODS[m][0] != "none" for m in methods):
+        lambdas = lambdas or default_lambdas(k)
     attrs = [c.attribute for c in clfs]
     metrics, probs, images = {}, {}, {}
     for m in methods:
         guidance, clf_name = METHODS[m]
         images[m], seconds = cached_samples(run, m, guidance, clf_name, n, batch_size, seed, lambdas, steps,
-                                            device, models, resample, log)
+                                            device, models, resample, log, cfg_form)
         metrics[m], probs[m] = measure(images[m], clfs, zregs)
         metrics[m].update(sample_seconds=seconds, batch_size=batch_size, device=torch.device(device).type)
         if clf_name:
             metrics[m]["lambdas"] = lambdas
+        if guidance == "cfg":
+            metrics[m].update(record(lambdas, k, cfg_form))
     train_all, uniq = train_images(cfg)
     metrics["train"], probs["train"] = measure(train_all, clfs, zregs)
     images["train"] = train_all
@@ -312,7 +312,7 @@ def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, step
         for name, ims in images.items():
             save_grid(from_uint8(ims[:64]), os.path.join(run, f"grid_{name}.png"))
         plot_hist_p(probs, metrics, os.path.join(run, "hist_p.png"))
-        mild_src = "multi" if "multi" in images else methods[0]
+        mild_src = next((m for m in ("multi", "cfg") if m in images), methods[0])
         p0 = probs[mild_src][attrs[0]]
         mild = np.flatnonzero((p0 > 0.4) & (p0 < 0.6))
         metrics[mild_src]["n_mild_04_06"] = int(len(mild))
@@ -347,8 +347,8 @@ def sweep_run(run, lams, n=256, batch_size=SAMPLE_BATCH, seed=0, steps=None, dev
     """§5.3: multi-guidance with lambda = each value for every class -> sweep.json, sweep.png."""
     from checkpoint import pick_device
     device = device or pick_device()
-    models, cfg, clfs, zregs = _setup(run, device, eval_classifier, zreg_steps, log)
-    k = _num_classes(run)
+    models, cfg, clfs, zregs = setup(run, device, eval_classifier, zreg_steps, log)
+    k = num_classes_of(cfg["data"])
     sweep = {}
     for lam in lams:
         imgs, seconds = cached_samples(run, f"sweep_{lam:g}", "multi", "classifier", n, batch_size, seed,
@@ -437,6 +437,8 @@ def main_from_args(a, s, typed, methods, device) -> None:
             raise UserError("--sweep runs multi-guidance only; drop --methods")
         if "lambdas" in typed:
             raise UserError("--sweep sets lambda for every class; drop --lambdas")
+        if "cfg_form" in typed:
+            raise UserError("--sweep runs classifier multi-guidance, not --guidance cfg; drop --cfg-form")
         res = sweep_run(s.run, parse_sweep(a.sweep), s.n, s.batch_size, s.seed, s.steps or None, device,
                         a.resample, eval_classifier=a.eval_classifier, zreg_steps=zreg_steps)
         print(format_table(res, PAPER_SWEEP if smiling else {}, first="lambda"))
@@ -444,7 +446,7 @@ def main_from_args(a, s, typed, methods, device) -> None:
         return
     metrics = evaluate_run(s.run, s.n, s.batch_size, s.seed, s.lambdas if "lambdas" in typed else None,
                            s.steps or None, methods, device, a.resample, eval_classifier=a.eval_classifier,
-                           zreg_steps=zreg_steps)
+                           zreg_steps=zreg_steps, cfg_form=s.cfg_form)
     print(format_table(metrics, PAPER if smiling else {}))  # the paper's numbers are for Smiling
     print(f"evaluated in {time.time() - t0:.0f} s; wrote metrics.json, grid_*.png, hist_p.png, "
           f"grid_mild.png, memorisation*.png/json{', heatmap_2d*.png' if 'center_03_07' in metrics['train'] else ''} "

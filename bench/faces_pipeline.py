@@ -142,7 +142,8 @@ def main():
     notes = [f"Commands: `{' '.join(['python'] + c[1:])}`" for n_, c in cmds.items() if n_ in stages]
     path = rec.write({"methods": metrics, "sweep": sweep, "two_attributes": two, "filter": summary,
                       "filter_hair": hair, "stage_seconds": secs}, seeds=[a.seed],
-                     n={"methods": a.n, "sweep": a.sweep_n}, tables=tables, notes=notes)
+                     n={"methods": a.n, "sweep": a.sweep_n}, tables=tables, notes=notes,
+                     compute_seconds=sum(secs.values()) if set(secs) >= set(STAGES) else None)
     print(f"wrote {path}")
 
 

@@ -27,10 +27,10 @@ TARGET = os.path.join(ROOT, "RESULTS.md")
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "LAB.md")]
 BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes|index) -->\n)(.*?)(<!-- /results -->)", re.S)
 # Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
-ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "edit_sweep", "synthetic_property_circles",
-         "antialias", "circles64", "variants", "faces_pipeline", "faces_slerp", "faces_edit",
-         "synthetic_property_faces", "lab", "lab_exercises", "train_speed",
-         "speed_ideas"]
+ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "dit_curve", "edit_sweep",
+         "synthetic_property_circles", "antialias", "circles64", "variants", "faces_pipeline", "faces_square",
+         "faces_slerp", "faces_edit", "faces_cfg", "synthetic_property_faces", "lab", "lab_exercises",
+         "train_speed", "speed_ideas"]
 
 HEADER = """# Results
 
@@ -67,7 +67,8 @@ def table(t: dict) -> list[str]:
 
 def _time(d: dict) -> str:
     g = d.get("matmul_gflops") or []
-    wall = d.get("wall_seconds")
+    # A driver that re-reads earlier stages records their compute time (None: not all recorded).
+    wall = d["compute_seconds"] if "compute_seconds" in d else d.get("wall_seconds")
     return (f"{wall / 60:.0f} min" if isinstance(wall, (int, float)) else "–") + \
         (f" ({min(g)}–{max(g)})" if g and min(g) != max(g) else f" ({g[0]})" if g else "")
 

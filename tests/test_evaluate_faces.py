@@ -164,6 +164,38 @@ def test_two_attributes_heatmap(face_runs):
         assert os.path.exists(os.path.join(run, f)), f
 
 
+def test_square_readouts(face_runs, tmp_path, monkeypatch):
+    """bench/faces_square.py: the Bayes curve at known points, the mild interval of an exact curve,
+    and the driver end to end on the tiny two-attribute run (after its evaluation)."""
+    import importlib.util
+    from results import record
+    spec = importlib.util.spec_from_file_location("faces_square", os.path.join(os.path.dirname(EF.__file__),
+                                                                                "bench", "faces_square.py"))
+    FS = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(FS)
+    s = toy_faces.LABEL_NOISE
+    assert FS.bayes_p([0.5, 0.5 + s, 0.5 - 2 * s]) == pytest.approx([0.5, 0.841345, 0.022750], abs=1e-6)
+    z = np.linspace(0, 1, 4001)
+    lo, hi = FS.mild_interval(*FS.p_of_z(z, FS.bayes_p(z)))
+    assert (lo, hi) == pytest.approx((0.5 - 0.5244 * s, 0.5 + 0.5244 * s), abs=0.01)   # Φ⁻¹(0.7) = 0.5244
+    assert FS.square(np.array([0.5, 0.5, 0.1]), np.array([0.4, 0.9, 0.5])) == pytest.approx(1 / 3)
+    run = face_runs["pair"]
+    clfs = f"{face_runs['filter']}/eval_Smiling.pt,{face_runs['hair']}/eval_Black_Hair.pt"
+    if not os.path.exists(os.path.join(run, "eval_multi.npz")):
+        evaluate.main(["--run", run, "--eval-classifier", clfs] + FAST)
+    monkeypatch.setattr(record, "HERE", str(tmp_path))
+    monkeypatch.setattr(record, "FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)
+    FS.main(["--run", run, "--eval-classifier", clfs, "--zreg-steps", "2"])
+    d = json.load(open(tmp_path / "faces_square.json"))
+    assert set(d["metrics"]["square"]) == {"test faces (true z uniform)", "uncond", "multi"}
+    assert d["metrics"]["square"]["multi"]["n"] == 6
+    for attr in ("Smiling", "Black_Hair"):
+        lo, hi = d["metrics"]["interval"][attr]
+        assert 0 <= lo <= hi <= 1
+    assert os.path.exists(tmp_path / "figures" / "faces_square.png")
+
+
 def test_errors(face_runs, tmp_path):
     run, pair = face_runs["smile"], face_runs["pair"]
     # no evaluation classifier for the run's attribute(s)
