@@ -322,8 +322,7 @@ def plot_hist(path: str, p_all, kept_rows, attribute: str, k: int) -> str:
     ax.set(yscale="log", xlabel=f"calibrated p({attribute} = 1 | x)", ylabel="images",
            title=f"{attribute}: evaluation-classifier p before and after filtering")
     ax.legend()
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
     return path
 
 

@@ -21,7 +21,9 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str, dpi: int = 120) -> None:
+def save(fig, path: str, dpi: int = 120, tight: bool = False) -> None:
+    if tight:  # packs the axes (tight_layout) before writing
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
 
@@ -42,8 +44,7 @@ def plot_histograms(stats: dict, path: str, delta: float = 0.2) -> None:
     ax.set_xlabel("z = normalised x of the detected disc (shaded: training regions)")
     ax.set_ylabel("count")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def plot_heatmaps(heats: dict, path: str, delta: float = 0.2) -> None:
@@ -80,8 +81,7 @@ def plot_hist_p(probs: dict, metrics: dict, path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(yscale="log", xlabel=f"calibrated p({a} = 1 | x)", ylabel="density")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def plot_heatmap_2d(counts, attrs, path: str, title: str = "", quantity: str = "p") -> None:
@@ -95,8 +95,7 @@ def plot_heatmap_2d(counts, attrs, path: str, title: str = "", quantity: str = "
         ax.axhline(v, color="w", lw=0.6, ls="--")
         ax.axvline(v, color="w", lw=0.6, ls="--")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def plot_sweep(sweep: dict, path: str) -> None:
@@ -109,5 +108,4 @@ def plot_sweep(sweep: dict, path: str) -> None:
             a.plot([float(l) for l in lams], [sweep[l][kk] for l in lams], "o-", label=kk)
         a.set(xscale="log", xlabel="lambda (every class)", ylabel=key.replace("hist_", "") + " to uniform")
         a.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)

@@ -66,8 +66,7 @@ def plot_memorisation(samples_u8, train_u8, res: dict, path: str, title: str) ->
     for ax in axes.ravel():
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    save(fig, path, dpi=110)
+    save(fig, path, dpi=110, tight=True)
 
 
 def memorisation_report(samples, train_u8, featurize, run, name, rows=8, k=8) -> dict:

@@ -349,5 +349,4 @@ def plot_loss_curve(log_path, png, title):
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="grey", lw=0.8, ls="--")
     ax2.set_ylabel("lr (dashed)")
-    fig.tight_layout()
-    save(fig, png, dpi=110)
+    save(fig, png, dpi=110, tight=True)

@@ -76,12 +76,12 @@ def band_edges(size, delta=0.2):
 
 
 def fmt(k, v):
+    """mean ± std of a column; one value alone has no spread to show."""
     v = np.asarray(v, dtype=float)
-    if k in PCT:
-        return f"{v.mean():.1%} ± {v.std():.1%}"
     if k == "hist_n":
         return f"{v.mean():.0f}"
-    return f"{v.mean():.3f} ± {v.std():.3f}"
+    f = (lambda x: f"{x:.1%}") if k in PCT else (lambda x: f"{x:.3f}")
+    return f(v.mean()) + (f" ± {f(v.std())}" if len(v) > 1 else "")
 
 
 def main():
@@ -168,7 +168,8 @@ def main():
                  for r, q in zip(rows["multi"], rows["multi_sn"])]
     leak_rows = [[s, f"{100 * d['uncond_middle']:.1f} %", d["leak_near_band_edge"], d["leak_deep_middle"]]
                  for s, d in per_ddpm.items()]
-    tables = [{"title": f"mean ± std over {len(ds)} DDPM seeds × {len(cs)} classifier seeds (uncond: over DDPM seeds); "
+    spread = "mean ± std over " if len(ds) * len(cs) > 1 else "one pair: "
+    tables = [{"title": f"{spread}{len(ds)} DDPM seeds × {len(cs)} classifier seeds (uncond: over DDPM seeds); "
                         f"λ = [{a.lambdas}], {a.n} samples per method and pair",
                "columns": cols, "rows": trows},
               {"title": "per pair: accuracy and zero-or-two rate", "columns":
@@ -178,7 +179,8 @@ def main():
     path = rec.write({"summary": summary, "per_ddpm_seed": {str(k): v for k, v in per_ddpm.items()},
                       "pairs": {k: v for k, v in rows.items() if k != "uncond"}, "lambdas": a.lambdas,
                       "train_seconds": t_train, "sample_seconds": sample_s},
-                     seeds={"ddpm": ds, "classifier": cs}, n=a.n, tables=tables)
+                     seeds={"ddpm": ds, "classifier": cs}, n=a.n, tables=tables,
+                     compute_seconds=round(t_train + sample_s, 1))  # cached stages count their first time
     print(f"\n{len(ds)} DDPM seeds x {len(cs)} classifier seeds: {wall / 60:.1f} min in this command "
           f"(training {t_train / 60:.1f} min, sampling {sample_s / 60:.1f} min of which cached runs "
           f"count their original time); wrote {path}")

@@ -86,8 +86,7 @@ def plot(curve, final, size, target, path):
     b.axvspan(0.2, 0.8, color="grey", alpha=0.1)
     b.set(xlabel="z of the detected disc (shaded: the unseen middle)", ylabel="samples", xlim=(0, 1))
     b.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def main(argv=None):

@@ -62,8 +62,7 @@ def plot(values: dict, path: str) -> None:
         ax.axvspan(0.3, 0.7, color="grey", alpha=0.1)
         ax.set(xlabel=label, ylabel="density", yscale="log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def main(argv=None):

@@ -95,8 +95,7 @@ def plot(curves, rows, attrs, path):
         ax.bar(x + (k - 1) * 0.27, [100 * rows["square"][n].get(key, np.nan) for n in names], 0.27, label=label)
     ax.set(xticks=x, xticklabels=names, ylabel="% in the central square [0.3, 0.7]²")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def main(argv=None):

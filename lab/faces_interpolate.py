@@ -123,8 +123,7 @@ def plot_z(res: dict, path: str) -> None:
         lo, hi = (f(np.concatenate([np.asarray(r[f"{k}_mean"]) for r in res.values()])) for f in (np.min, np.max))
         ax.set_ylim(min(-0.05, lo - 0.05), max(1.05, hi + 0.05))     # a regressor can leave [0, 1]
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def save_paths(decoded: dict, path: str, rows: int) -> None:

@@ -100,8 +100,7 @@ def plot_score_error(res: dict, path: str, delta: float = 0.2) -> None:
     ax[2].set_yscale("log")
     ax[2].set_xlabel("z of the disc")
     ax[2].legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, tight=True)
 
 
 def summary_lines(res: dict, every: int = 1) -> list[str]:

@@ -136,9 +136,9 @@ def _plain(o):
 
 
 def mean_std(values, pct: bool = False, digits: int = 1) -> str:
-    """'m ± s' over seeds (population std, as numpy's default), in % when ``pct``."""
+    """'m ± s' over seeds (population std, as numpy's default), in % when ``pct``; one value alone
+    is shown without a spread."""
     import numpy as np
     v = np.asarray(values, dtype=float)
-    if pct:
-        return f"{100 * v.mean():.{digits}f} % ± {100 * v.std():.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+    scale, unit = (100, " %") if pct else (1, "")
+    return f"{scale * v.mean():.{digits}f}{unit}" + (f" ± {scale * v.std():.{digits}f}" if v.size > 1 else "")

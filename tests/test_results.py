@@ -46,6 +46,7 @@ def test_recorder_writes_provenance_and_render_shows_it(tmp_path, monkeypatch):
 def test_mean_std_is_population_std_in_percent():
     assert mean_std([0.90, 0.96], pct=True) == "93.0 % ± 3.0"
     assert mean_std([1.0, 2.0, 3.0], digits=2) == "2.00 ± 0.82"
+    assert mean_std([0.947], pct=True) == "94.7 %" and mean_std([0.16], digits=3) == "0.160"  # one seed: no spread
 
 
 def test_doc_blocks_are_filled_from_json_and_a_hand_edit_is_caught(tmp_path):
