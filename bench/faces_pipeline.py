@@ -14,6 +14,8 @@ Runs the README's stand-in commands as subprocesses, timed stage by stage (DATA 
     python train.py --dataset celeba --data-dir DATA --attribute Smiling,Black_Hair \\
         --index-list R/index_two.txt --out R/two
     python evaluate.py --run R/two --n N --eval-classifier R/filter/eval_Smiling.pt,R/filter_hair/eval_Black_Hair.pt
+    python data_filter.py --data-dir DATA --attribute Smiling --out R/filter_paper_tau --tau1 0.95 --tau2 0.9999
+(the last: the authors' released thresholds, data_filter's paper preset, at the cpu preset's sizes)
 then records the filter's counts per stage with the true z_smile range of what it kept; §5.1's
 histogram metrics of calibrated p(Smiling) (MSE / KLD against uniform, App. B), the fractions of mild
 faces by p, by the true-latent regressor and by the mouth readout (mouth_readout.py); the sweep's
@@ -35,7 +37,7 @@ from results.record import Recorder  # noqa: E402
 PAPER = {"uncond": "0.64 / 3.5", "multi": "0.13 / 0.61", "train": "0.56 / 3.17"}
 SWEEP = "3.5,10,30,50,75,100"
 STAGES = ("faces", "filter", "train", "evaluate", "sweep", "filter_hair", "intersect", "train_two",
-          "evaluate_two")
+          "evaluate_two", "filter_paper_tau")
 
 
 def commands(a, py=sys.executable) -> dict:
@@ -56,6 +58,8 @@ def commands(a, py=sys.executable) -> dict:
                       "Smiling,Black_Hair", "--index-list", index_two, "--out", two, "--seed", str(a.seed)],
         "evaluate_two": [py, "evaluate.py", "--run", two, "--n", str(a.n), "--eval-classifier",
                          f"{filt}/eval_Smiling.pt,{hair}/eval_Black_Hair.pt"],
+        "filter_paper_tau": [py, "data_filter.py", "--data-dir", a.data, "--attribute", "Smiling", "--out",
+                             os.path.join(r, "filter_paper_tau"), "--tau1", "0.95", "--tau2", "0.9999"],
     }
 
 
@@ -102,27 +106,32 @@ def main():
     r = a.root
     summary = read(os.path.join(r, "filter", "filter_summary.json"))
     hair = read(os.path.join(r, "filter_hair", "filter_summary.json"))
+    paper_path = os.path.join(r, "filter_paper_tau", "filter_summary.json")
+    paper_tau = read(paper_path) if os.path.exists(paper_path) else None
     metrics = read(os.path.join(r, "faces", "metrics.json"))
     sweep = read(os.path.join(r, "faces", "sweep.json"))
     two = read(os.path.join(r, "two", "metrics.json"))
     rows = [[m, f"{v['hist_mse']:.3f}", f"{v['hist_kld']:.3f}", pct(v["frac_03_07"]), pct(v.get("z_frac_03_07")),
              pct(v.get("mouth_mild")), pct(v.get("mouth_faded")), pct(v.get("mouth_doubled")), PAPER.get(m, "–")]
             for m, v in metrics.items() if isinstance(v, dict) and "hist_mse" in v]
-    zs = summary.get("true_latent", {})
 
-    def zrange(stage, c):
-        st = zs.get(stage, {}).get(f"class_{c}", {})
-        return f"{st['min']:.2f}–{st['max']:.2f} ({st['in_0.3_0.7']} mild)" if st.get("n") else "–"
-    counts = [[c["stage"], c["total"], c["class_0"], c["class_1"], zrange(c["stage"], 0), zrange(c["stage"], 1)]
-              for c in summary["counts"]]
+    def counts(summ):
+        """Images per filter stage, with the true z_smile range (and mild count) of each class kept."""
+        zs = summ.get("true_latent", {})
+
+        def zrange(stage, c):
+            st = zs.get(stage, {}).get(f"class_{c}", {})
+            return f"{st['min']:.2f}–{st['max']:.2f} ({st['in_0.3_0.7']} mild)" if st.get("n") else "–"
+        return [[c["stage"], c["total"], c["class_0"], c["class_1"], zrange(c["stage"], 0), zrange(c["stage"], 1)]
+                for c in summ["counts"]]
+    filter_cols = ["stage", "total", "class 0", "class 1", "true z_smile, class 0", "true z_smile, class 1"]
     sweep_rows = [[lam, f"{v['hist_mse']:.3f}", f"{v['hist_kld']:.3f}", pct(v["frac_03_07"]),
                    pct(v.get("z_frac_03_07")), pct(v.get("mouth_mild"))] for lam, v in sweep.items()]
     square = [[m, pct(v.get("center_03_07")), pct(v.get("z_center_03_07"))]
               for m, v in two.items() if isinstance(v, dict) and "center_03_07" in v]
     tables = [
-        {"title": "§4.3 filter (Smiling, cpu preset): images per stage",
-         "columns": ["stage", "total", "class 0", "class 1", "true z_smile, class 0", "true z_smile, class 1"],
-         "rows": counts},
+        {"title": f"§4.3 filter (Smiling, cpu preset, τ1 = {summary['tau1']:g}, τ2 = {summary['tau2']:g}): "
+                  "images per stage", "columns": filter_cols, "rows": counts(summary)},
         {"title": f"§5.1: calibrated p(Smiling) of {a.n} samples per method (train: the filtered set)",
          "columns": ["method", "hist MSE", "hist KLD", "p in [0.3, 0.7]", "true z in [0.3, 0.7]",
                      "mouth mild", "mouth faded", "mouth doubled", "paper MSE / KLD (§5.1)"], "rows": rows},
@@ -132,6 +141,10 @@ def main():
         {"title": f"§6: Smiling × Black_Hair, {a.n} samples per method: the central square (both in [0.3, 0.7])",
          "columns": ["method", "by calibrated p", "by true-z proxy"], "rows": square},
     ]
+    if paper_tau:
+        tables.append({"title": f"§4.3 filter at the authors' released thresholds (τ1 = {paper_tau['tau1']:g}, "
+                                f"τ2 = {paper_tau['tau2']:g}), cpu preset otherwise: images per stage",
+                       "columns": filter_cols, "rows": counts(paper_tau)})
     if secs:
         tables.append({"title": "time per stage (min)", "columns": list(secs),
                        "rows": [[f"{v / 60:.1f}" for v in secs.values()]]})
@@ -140,7 +153,7 @@ def main():
         if os.path.exists(os.path.join(r, src)):
             shutil.copy(os.path.join(r, src), rec.figure_path(name))
     notes = [f"Commands: `{' '.join(['python'] + c[1:])}`" for n_, c in cmds.items() if n_ in stages]
-    path = rec.write({"methods": metrics, "sweep": sweep, "two_attributes": two, "filter": summary,
+    path = rec.write({"methods": metrics, "sweep": sweep, "two_attributes": two, "filter": summary, "filter_paper_tau": paper_tau,
                       "filter_hair": hair, "stage_seconds": secs}, seeds=[a.seed],
                      n={"methods": a.n, "sweep": a.sweep_n}, tables=tables, notes=notes,
                      compute_seconds=sum(secs.values()) if set(secs) >= set(STAGES) else None)
