@@ -103,3 +103,28 @@ def test_faces_cfg_bench_end_to_end(stand_in, tmp_path, monkeypatch):
     before = os.path.getmtime(os.path.join(run, "ddpm.pt"))
     faces_cfg.ensure_cfg_run(run, data, os.path.join(stand_in["filter"], "index.txt"), 0, ["--steps", "3"] + TINY)
     assert os.path.getmtime(os.path.join(run, "ddpm.pt")) == before
+
+
+def test_faces_seeds_bench_end_to_end(stand_in, tmp_path, monkeypatch):
+    """bench/faces_seeds.py: seed 0 is the pipeline's run, seed 1 is trained beside it; mean ± std per method."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import faces_seeds
+    monkeypatch.setattr(record, "HERE", str(tmp_path))
+    monkeypatch.setattr(record, "FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)
+    root, data = stand_in["root"], stand_in["data"]
+    one_line_error(lambda: faces_seeds.main(["--root", root, "--data", data, "--seeds", "0,x"]), "--seeds")
+    one_line_error(lambda: faces_seeds.main(["--root", str(tmp_path / "none"), "--data", data]), "faces_pipeline.py")
+    faces_seeds.main(["--root", root, "--data", data, "--seeds", "0,1", "--n", "4", "--zreg-steps", "2",
+                      "--steps", "3", "--clf-steps", "2"] + TINY)
+    assert load_checkpoint(os.path.join(root, "faces_seed1"), "ddpm")["config"]["train"]["seed"] == 1
+    d = json.load(open(tmp_path / "faces_seeds.json"))
+    assert d["seeds"]["ddpm"] == [0, 1] and set(d["metrics"]["per_seed"]) == {"0", "1"}
+    s = d["metrics"]["summary"]
+    assert set(s) == {"uncond", "multi", "train"}
+    for row in s.values():
+        assert len(row["mouth_mild"]) == 2 and all(0 <= v <= 1 for v in row["mouth_faded"] + row["z_frac_03_07"])
+        total = [sum(row[k][i] for k in ("mouth_mild", "mouth_clear", "mouth_faded", "mouth_doubled", "mouth_other"))
+                 for i in range(2)]
+        assert total == pytest.approx([1.0, 1.0])   # the mouth classes partition the samples
+    assert " ± " in d["tables"][0]["rows"][1][3]     # two seeds: a spread is shown
