@@ -20,11 +20,9 @@ Classes (``classify``), thresholds calibrated on JPEG renders of known z (``vali
   other    one mouth leaves more than FIT_REL of the patch's rms signal beyond the other parts;
   clear / mild   one good mouth, z outside / inside [0.3, 0.7].
 
-    python mouth_readout.py --n 300      # z RMSE and classes of clean, blanked, overlaid renders
+    python mouth_readout.py --n 300 [--record]   # z RMSE and classes of clean, blanked, overlaid renders
 
-measured there (32 px, seed 0): clean z RMSE 0.013 (largest error 0.050), 40.7 % mild against
-40.0 % with true z in [0.3, 0.7], none faded, doubled or other; blanked 100 % faded; overlaid
-100 % doubled. ~55 ms an image on one core.
+``--record`` writes results/mouth_readout.json (RESULTS.md#mouth_readout).
 """
 from __future__ import annotations
 
@@ -236,9 +234,27 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--record", action="store_true", help="write results/mouth_readout.json")
     a = p.parse_args(argv)
-    for kind, row in validate(a.n, a.seed, a.size).items():
+    if a.n < 1:
+        raise UserError("--n must be positive")
+    if a.record:
+        from results.record import Recorder
+        rec = Recorder("mouth_readout", "The mouth readout on stand-in renders of known z (§5.1 on the stand-in)",
+                       argv=None if argv is None else [__file__, *argv])
+    out = validate(a.n, a.seed, a.size)
+    for kind, row in out.items():
         print(f"{kind:>8}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    if a.record:
+        clean = out["clean"]
+        mild_true = float(np.mean((np.linspace(0, 1, a.n) >= 0.3) & (np.linspace(0, 1, a.n) <= 0.7)))
+        tables = [{"title": f"{a.n} faces per kind, z_smile evenly over [0, 1], {a.size} px, JPEG 95 as the stand-in "
+                            "stores them",
+                   "columns": ["render", *CLASSES],
+                   "rows": [[kind, *(f"{100 * row[c]:.1f} %" for c in CLASSES)] for kind, row in out.items()]}]
+        notes = [f"Clean renders: z RMSE {clean['z_rmse']:.3f} (largest error {clean['z_max_error']:.3f}); "
+                 f"{100 * clean['mild']:.1f} % read mild against {100 * mild_true:.1f} % with true z in [0.3, 0.7]."]
+        print(f"wrote {rec.write(out, seeds=[a.seed], n=a.n, tables=tables, notes=notes)}")
 
 
 if __name__ == "__main__":

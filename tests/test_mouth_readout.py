@@ -128,3 +128,17 @@ def test_evaluate_faces_reports_the_mouth_classes(faces):
     assert {k: v for k, v in with_z.items() if not k.startswith(("mouth_", "z_"))} == without
     assert (with_z["mouth_clear"], with_z["mouth_faded"], with_z["mouth_doubled"]) == (1 / 3,) * 3
     assert "mouth_mild" in EF.format_table({"multi": with_z})
+
+
+def test_validation_cli_records(tmp_path, monkeypatch):
+    """``python mouth_readout.py --record`` writes results/mouth_readout.json with a row per render kind."""
+    import json
+    from results import record
+    monkeypatch.setattr(record, "HERE", str(tmp_path))
+    monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)
+    MR.main(["--n", "3", "--record"])
+    d = json.load(open(tmp_path / "mouth_readout.json"))
+    assert [r[0] for r in d["tables"][0]["rows"]] == ["clean", "blank", "overlay"]
+    assert d["metrics"]["blank"]["faded"] == 1.0 and d["metrics"]["overlay"]["doubled"] == 1.0
+    assert d["n"] == 3 and "z RMSE" in d["notes"][0]
+    one_line_error(lambda: MR.main(["--n", "0"]), "--n")
