@@ -28,9 +28,9 @@ DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "LAB.md")]
 BLOCK = re.compile(r"(<!-- results (\S+) (table \d+|provenance|notes|index) -->\n)(.*?)(<!-- /results -->)", re.S)
 # Paper order: §5.5 circles first, then its variants and the appendix, CelebA stand-in, the lab, speed.
 ORDER = ["quickstart", "circles_table", "guided_ddim", "cfg_matched", "dit_curve", "edit_sweep",
-         "synthetic_property_circles", "antialias", "circles64", "variants", "mouth_readout", "faces_pipeline", "faces_seeds",
-         "faces_square", "faces_slerp", "faces_edit", "faces_cfg", "synthetic_property_faces", "lab",
-         "lab_exercises", "train_speed", "speed_ideas"]
+         "synthetic_property_circles", "antialias", "circles64", "variants", "mouth_readout", "faces_pipeline",
+         "faces_seeds", "faces_square", "faces_slerp", "faces_edit", "faces_cfg", "synthetic_property_faces",
+         "lab", "lab_exercises", "train_speed", "speed_ideas"]
 
 HEADER = """# Results
 
