@@ -27,7 +27,7 @@ attribute, on the p of every image:
   mouth_mild, mouth_clear, mouth_faded, mouth_doubled, mouth_other, mouth_n (stand-in, Smiling,
                        with the regressor)  fractions by the mouth readout (mouth_readout.py: one
                        rendered mouth fitted to each face; mild only if it fits and z in [0.3, 0.7]),
-                       over at most 1024 images of a row (evenly spaced; ~55 ms an image).
+                       over at most 1024 images of a row (evenly spaced: every image is fitted, so the cost is capped).
 With two attributes (§6, 4 corner classes) the keys carry the attribute (``hist_mse_Smiling``) and
 each row also has ``center_03_07`` (both p in [0.3, 0.7]) and ``heatmap_counts`` (20 x 20 counts
 of (p_1, p_2), rows = p_1 bins); on the stand-in also ``z_center_03_07`` and ``z_heatmap_counts``,
