@@ -35,6 +35,7 @@ from config import SampleConfig, num_classes_of  # noqa: E402
 from eval_classifier import ZREG_STEPS  # noqa: E402
 from figures import pyplot, save  # noqa: E402
 from sample import load_ddpm  # noqa: E402
+from faces_pipeline import filtered_index  # noqa: E402
 from results.record import Recorder  # noqa: E402
 
 BATCH = SampleConfig.batch_size   # evaluate.py's, so faces_pipeline's cached multi samples are reused
@@ -76,10 +77,7 @@ def main(argv=None):
     p.add_argument("--zreg-steps", type=int, default=ZREG_STEPS, help="steps of the true-z regressor")
     a, flags = p.parse_known_args(argv)
     device = pick_device("cpu")
-    index = os.path.join(a.root, "filter", "index.txt")
-    if not os.path.isfile(index) or not os.path.isdir(a.data):
-        raise UserError(f"no filtered stand-in at {index} and {a.data}; run python bench/faces_pipeline.py "
-                        f"--root {a.root} --data {a.data} first")
+    index = filtered_index(a.root, a.data)
     rec = Recorder("faces_cfg", "Classifier-free multi-guidance on the face stand-in (App. J, Fig. S19b)",
                    argv=None if argv is None else [os.path.abspath(__file__), *argv])
     cfg_run, clf_run = os.path.join(a.root, "faces_cfg"), os.path.join(a.root, "faces")

@@ -63,6 +63,16 @@ def commands(a, py=sys.executable) -> dict:
     }
 
 
+def filtered_index(root: str, data: str) -> str:
+    """ROOT/filter/index.txt, the filter stage's list (a one-line error when it or DATA is missing)."""
+    from checkpoint import UserError
+    index = os.path.join(root, "filter", "index.txt")
+    if not os.path.isfile(index) or not os.path.isdir(data):
+        raise UserError(f"no filtered stand-in at {index} and {data}; run python bench/faces_pipeline.py "
+                        f"--root {root} --data {data} --stages faces,filter first")
+    return index
+
+
 def pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
 

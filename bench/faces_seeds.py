@@ -24,6 +24,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import UserError, ckpt_path, cli, load_checkpoint, pick_device  # noqa: E402
 from eval_classifier import ZREG_STEPS  # noqa: E402
+from faces_pipeline import filtered_index  # noqa: E402
 from results.record import Recorder, mean_std  # noqa: E402
 
 METHODS = ("uncond", "multi", "train")
@@ -60,10 +61,7 @@ def main(argv=None):
         raise UserError(f"--seeds takes comma-separated integers, not {a.seeds!r}") from None
     if not seeds or a.n < 1:
         raise UserError("give at least one seed in --seeds and a positive --n")
-    index = os.path.join(a.root, "filter", "index.txt")
-    if not os.path.isfile(index) or not os.path.isdir(a.data):
-        raise UserError(f"no filtered stand-in at {index} and {a.data}; run python bench/faces_pipeline.py "
-                        f"--root {a.root} --data {a.data} --stages faces,filter first")
+    index = filtered_index(a.root, a.data)
     rec = Recorder("faces_seeds", "§5.1 on the face stand-in over DDPM seeds, by the mouth readout",
                    argv=None if argv is None else [os.path.abspath(__file__), *argv])
     device = pick_device("cpu")
