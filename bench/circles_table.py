@@ -110,7 +110,10 @@ def main():
         ensure_trained(os.path.join(a.root, f"ddpm_seed{s}"), "ddpm", s, a.preset)
     for c in cs:
         ensure_trained(os.path.join(a.root, f"clf_seed{c}{tag}"), "classifier", c, a.preset, extra)
-    t_train = time.time() - t0
+    # The checkpoints' own clocks, so a re-read of trained models still counts their training.
+    t_train = sum(train.load_checkpoint(os.path.join(a.root, d), n)["meta"].get("train_seconds", 0.0)
+                  for d, names in [(f"ddpm_seed{s}", ("ddpm",)) for s in ds]
+                  + [(f"clf_seed{c}{tag}", ("classifier", "classifier_sn")) for c in cs] for n in names)
 
     rows = {"uncond": [], "multi": [], "multi_sn": []}
     per_ddpm, sample_s = {}, 0.0
