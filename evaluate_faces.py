@@ -7,7 +7,8 @@
 The latent of a face is measured by the calibrated *evaluation classifier* (eval_classifier.py):
 p = P(attribute = 1 | x) after temperature scaling (§5 intro). It is looked for (per attribute of
 the run) at ``<dir of the run's index list>/eval_<Attr>.pt``, then ``<run>/eval_<Attr>.pt``, then
-``runs/filter_<Attr>/eval_<Attr>.pt``; ``--eval-classifier PATH[,PATH2]`` names them explicitly.
+``runs/filter_<Attr>/eval_<Attr>.pt``; ``--eval-classifier PATH[,PATH2]`` names them explicitly
+(eval_judges.py).
 
 Rows: ``uncond`` (no guidance), ``multi`` (multi-guidance, lambda = 30 for every class, §5.1),
 ``multi_sn`` when named, ``cfg`` (classifier-free multi-guidance, App. J, Eq. 12: a DDPM trained with
@@ -52,9 +53,9 @@ import torch
 
 from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from config import SampleConfig, num_classes_of
-from attributes import attribute_slug
 from celeba import CelebAData
-from eval_classifier import ZREG_STEPS, EvalClassifier, eval_path, zregressor
+from eval_classifier import ZREG_STEPS
+from eval_judges import load_eval_classifiers, load_zregressors
 from histograms import hist_kld, hist_mse, histogram
 from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
@@ -104,58 +105,6 @@ def center_fraction(p1, p2, lo: float = 0.3, hi: float = 0.7) -> float:
 # ----------------------------------------------------------------------------------------------
 # Evaluation classifiers and the run's data
 # ----------------------------------------------------------------------------------------------
-
-def run_attributes(cfg) -> list[str]:
-    return [a.strip() for a in cfg["data"].attribute.split(",") if a.strip()]
-
-
-def find_eval_classifiers(run: str, cfg, explicit: str | None = None) -> list[str]:
-    """Paths of the evaluation classifiers, one per attribute of the run, in the run's order."""
-    attrs = run_attributes(cfg)
-    if explicit:
-        paths = [p.strip() for p in explicit.split(",") if p.strip()]
-        if len(paths) != len(attrs):
-            raise UserError(f"--eval-classifier names {len(paths)} file(s) but the run has "
-                            f"{len(attrs)} attribute(s) ({', '.join(attrs)}); give one per attribute")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise UserError(f"no evaluation classifier at {p}; run data_filter.py or fix "
-                                "--eval-classifier")
-        return paths
-    index_dir = os.path.dirname(cfg["data"].index_list) if cfg["data"].index_list else None
-    out = []
-    for a in attrs:
-        name = os.path.basename(eval_path(".", a))
-        places = ([index_dir] if index_dir is not None else []) + [run, os.path.join("runs", f"filter_{attribute_slug(a)}")]
-        found = [os.path.join(d, name) for d in places if os.path.isfile(os.path.join(d, name))]
-        if not found:
-            raise UserError(f"no evaluation classifier {name} for {run} (looked in "
-                            f"{', '.join(places)}); run python data_filter.py --data-dir "
-                            f"{cfg['data'].data_dir} --attribute {a} or pass --eval-classifier PATH")
-        out.append(found[0])
-    return out
-
-
-def load_eval_classifiers(run: str, cfg, device, explicit: str | None = None) -> list:
-    """EvalClassifiers in the run's attribute order; checks attribute and image size."""
-    attrs = run_attributes(cfg)
-    clfs = []
-    for p in find_eval_classifiers(run, cfg, explicit):
-        clfs.append(EvalClassifier.load(p, device))
-        clfs[-1].path = p
-    got = [c.attribute for c in clfs]
-    if sorted(got) != sorted(attrs) or len(set(got)) != len(got):
-        raise UserError(f"evaluation classifier attribute(s) {', '.join(got)} do not match the run's "
-                        f"{', '.join(attrs)}; pass --eval-classifier with one file per attribute")
-    clfs = [clfs[got.index(a)] for a in attrs]
-    size = cfg["data"].image_size
-    for c in clfs:
-        if c.image_size != size:
-            raise UserError(f"evaluation classifier for {c.attribute} is {c.image_size} px but the run "
-                            f"makes {size} px images; run data_filter.py --image-size {size} or pass "
-                            "--eval-classifier")
-    return clfs
-
 
 def train_data(cfg, progress: bool = False) -> CelebAData:
     """The run's training set (its index list of the train split), unflipped."""
@@ -258,25 +207,6 @@ def setup(run, device, eval_classifier=None, zreg_steps=ZREG_STEPS, log=print):
         raise UserError(f"evaluate_faces measures celeba runs; {run} holds {cfg['data'].dataset}")
     clfs = load_eval_classifiers(run, cfg, device, eval_classifier)
     return models, cfg, clfs, load_zregressors(run, cfg, clfs, device, zreg_steps, log)
-
-
-def load_zregressors(run, cfg, clfs, device, zreg_steps=ZREG_STEPS, log=print) -> list:
-    """The stand-in's true-latent regressor of each evaluation classifier (None: no true latent,
-    or zreg_steps = 0), cached beside the classifier, or in the run where that is read-only."""
-    zregs = []
-    for c in clfs:
-        zp = os.path.join(os.path.dirname(os.path.abspath(c.path)), f"zreg_{attribute_slug(c.attribute)}.pt")
-        if not os.access(os.path.dirname(zp), os.W_OK):
-            zp = os.path.join(run, f"zreg_{attribute_slug(c.attribute)}.pt")
-        zr = zregressor(c, cfg["data"].data_dir, device, zreg_steps, cache_dir=cfg["data"].cache_dir or None,
-                        path=zp) if zreg_steps > 0 else None
-        if zr is not None:
-            q = zr.quality
-            log(f"z-regressor for {c.attribute}: {zp}" + (
-                f" (test RMSE {q['test_rmse']:.3f}, corr {q['test_corr']:.3f} with the true z)"
-                if "test_rmse" in q else ""))
-        zregs.append(zr)
-    return zregs
 
 
 def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, steps=None, methods=None, device=None,

@@ -130,7 +130,7 @@ def load_zreg(run, cfg, device, zreg_steps: int, eval_classifier=None):
     """The run's true-latent regressor for Smiling (evaluate_faces), or None for zreg_steps = 0."""
     if zreg_steps == 0:
         return None
-    from evaluate_faces import load_eval_classifiers, load_zregressors
+    from eval_judges import load_eval_classifiers, load_zregressors
     clfs = load_eval_classifiers(run, cfg, device, eval_classifier)
     return load_zregressors(run, cfg, clfs, device, zreg_steps)[0]
 

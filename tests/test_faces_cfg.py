@@ -78,12 +78,17 @@ def test_unsupported_combinations_are_one_line(stand_in):
                    "--cfg-form", "cfg method")
 
 
-def test_faces_cfg_bench_end_to_end(stand_in, tmp_path, monkeypatch):
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    """results/record.py writing into tmp_path (JSON and figures), without timing a matmul."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import faces_cfg
     monkeypatch.setattr(record, "HERE", str(tmp_path))
     monkeypatch.setattr(record, "FIGURES", str(tmp_path / "figures"))
     monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)
+
+
+def test_faces_cfg_bench_end_to_end(stand_in, tmp_path, recorded):
+    import faces_cfg
     root, data = stand_in["root"], stand_in["data"]
     one_line_error(lambda: faces_cfg.main(["--root", str(tmp_path / "none"), "--data", data]), "faces_pipeline.py")
     tiny = ["--root", root, "--data", data, "--n", "4", "--zreg-steps", "2", "--steps", "3"] + TINY
@@ -105,13 +110,9 @@ def test_faces_cfg_bench_end_to_end(stand_in, tmp_path, monkeypatch):
     assert os.path.getmtime(os.path.join(run, "ddpm.pt")) == before
 
 
-def test_faces_seeds_bench_end_to_end(stand_in, tmp_path, monkeypatch):
+def test_faces_seeds_bench_end_to_end(stand_in, tmp_path, recorded):
     """bench/faces_seeds.py: seed 0 is the pipeline's run, seed 1 is trained beside it; mean ± std per method."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import faces_seeds
-    monkeypatch.setattr(record, "HERE", str(tmp_path))
-    monkeypatch.setattr(record, "FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setattr(record, "matmul_gflops", lambda: 1.0)
     root, data = stand_in["root"], stand_in["data"]
     one_line_error(lambda: faces_seeds.main(["--root", root, "--data", data, "--seeds", "0,x"]), "--seeds")
     one_line_error(lambda: faces_seeds.main(["--root", str(tmp_path / "none"), "--data", data]), "faces_pipeline.py")
