@@ -9,6 +9,10 @@ quick start, timed by bench/quickstart.py) is skipped when --from-run names a tr
 its checkpoints are copied to <scratch>/circles and the later exercises start from them, as they
 would after exercise 1. After each ``evaluate.py`` command the accuracy, one-disc and zero-or-two
 rates and histogram MSE / KLD of the methods it wrote are read from the run's metrics.json.
+
+With --only, the exercises not named keep their entries from the existing
+results/lab_exercises.json, each with the provenance of the call that measured it (command, commit,
+date, matmul peak), so the file can be completed one exercise at a time.
 """
 import argparse
 import json
@@ -56,6 +60,39 @@ def evaluated(argv: list) -> tuple:
     return run, tuple(methods)
 
 
+def earlier(path: str, keep) -> dict:
+    """{exercise: entry} of an existing results file for the exercises in ``keep``, each entry tagged
+    with the provenance of the call that measured it (kept when it already carries one)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        doc = json.load(f)
+    prov = {q: doc.get(q) for q in ("command", "commit", "date", "matmul_gflops")}
+    return {int(k): {**v, "measured_by": v.get("measured_by", prov)}
+            for k, v in doc.get("metrics", {}).items() if int(k) in keep}
+
+
+def row(k: int, entry: dict) -> list:
+    measured = entry["measured"]
+    return [k, entry["title"], f"{entry['seconds'] / 60:.1f} min",
+            "; ".join(f"{name}: {100 * v['accuracy']:.1f} %" for name, v in measured.items()) or "–"]
+
+
+def provenance_notes(results: dict) -> list:
+    """One sentence per earlier call whose exercises this file keeps."""
+    calls = {}
+    for k, v in sorted(results.items()):
+        if "measured_by" in v:
+            calls.setdefault(json.dumps(v["measured_by"], sort_keys=True), []).append(k)
+    notes = []
+    for key, ks in calls.items():
+        m = json.loads(key)
+        gf = m.get("matmul_gflops") or ["?", "?"]
+        notes.append(f"Exercises {', '.join(map(str, ks))} were measured by an earlier call, `{m['command']}` "
+                     f"({m['date']}, commit {str(m['commit'])[:7]}, matmul {gf[0]} → {gf[1]} GFLOP/s).")
+    return notes
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-run", default="runs/circles", help="a trained circles run (exercise 1's); "
@@ -65,7 +102,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     os.chdir(ROOT)
     with open("LAB.md", encoding="utf-8") as f:
-        todo = exercises(f.read())
+        todo = exercises_all = exercises(f.read())
     if a.only:
         todo = {k: v for k, v in todo.items() if str(k) in a.only.split(",")}
     if os.path.isdir(a.scratch):
@@ -81,7 +118,8 @@ def main(argv=None):
             shutil.copy(os.path.join(a.from_run, c), os.path.join(a.scratch, "circles", c))
         todo.pop(1, None)
     rec = Recorder("lab_exercises", "LAB.md's exercises, timed as printed")
-    results, rows = {}, []
+    out_path = os.path.join(ROOT, "results", "lab_exercises.json")
+    results = earlier(out_path, set(exercises_all) - set(todo) - {1}) if a.only else {}
     for k, (title, cmds) in todo.items():
         t0, measured = time.time(), {}
         for cmd in cmds:
@@ -97,13 +135,12 @@ def main(argv=None):
                         measured[f"{meth} λ={lam}"] = {q: m[meth].get(q) for q in KEYS}
         secs = round(time.time() - t0, 1)
         results[k] = {"title": title, "seconds": secs, "commands": [" ".join(c) for c in cmds], "measured": measured}
-        rows.append([k, title, f"{secs / 60:.1f} min",
-                     "; ".join(f"{name}: {100 * v['accuracy']:.1f} %" for name, v in measured.items()) or "–"])
         print(f"exercise {k}: {secs / 60:.1f} min", flush=True)
-        rec.write(results, seeds=[0], n="as printed in LAB.md", tables=[{
+        results = dict(sorted(results.items()))
+        rec.write(results, seeds=[0], n="as printed in LAB.md", path=out_path, tables=[{
             "title": "time per exercise (runs/ moved under the scratch folder; exercise 1: results/quickstart.json)",
             "columns": ["exercise", "title", "time", "accuracy (middle, one disc) of what it evaluated"],
-            "rows": rows}])
+            "rows": [row(k, v) for k, v in results.items()]}], notes=provenance_notes(results))
     print(f"wrote {os.path.join('results', 'lab_exercises.json')}")
 
 

@@ -2,6 +2,7 @@
 the parser, not the training), and every exercise names a figure and asks a question."""
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -73,3 +74,21 @@ def test_lab_exercises_bench_reads_every_exercise_and_moves_every_run_path():
     assert not any(w.startswith("runs/") for c in moved for w in c)
     assert mod.relocate(["python", "train.py", "--dataset", "circles"], "S")[-2:] == ["--out", os.path.join("S", "circles")]
     assert mod.evaluated(["python", "evaluate.py", "--run", "S/c", "--methods", "multi,multi_sn"]) == ("S/c", ("multi", "multi_sn"))
+
+
+def test_lab_exercises_only_keeps_the_other_exercises_with_their_own_provenance(tmp_path):
+    spec = importlib.util.spec_from_file_location("lab_exercises", os.path.join(ROOT, "bench", "lab_exercises.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "lab_exercises.json"
+    entry = {"title": "t", "seconds": 90.0, "commands": [], "measured": {}}
+    old = {"command": "python bench/lab_exercises.py --only 2,3", "commit": "abcdef0123", "date": "d",
+           "matmul_gflops": [130, 170], "metrics": {"2": entry, "3": {**entry, "measured_by": {
+               "command": "older", "commit": "1234567", "date": "e", "matmul_gflops": [1, 2]}}}}
+    path.write_text(json.dumps(old))
+    kept = mod.earlier(str(path), {2, 3, 4})
+    assert sorted(kept) == [2, 3]
+    assert kept[2]["measured_by"]["command"] == old["command"] and kept[3]["measured_by"]["command"] == "older"
+    notes = mod.provenance_notes({**kept, 4: entry})
+    assert len(notes) == 2 and "Exercises 2 " in notes[0] + notes[1] and "commit abcdef0" in " ".join(notes)
+    assert mod.row(2, kept[2])[2] == "1.5 min" and mod.earlier(str(tmp_path / "none.json"), {2}) == {}
