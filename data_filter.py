@@ -196,6 +196,23 @@ def latent_stats(z: np.ndarray) -> dict:
             "in_0.2_0.8": int(((z >= 0.2) & (z <= 0.8)).sum())}
 
 
+def agreement_stats(a: np.ndarray) -> dict:
+    """Quantiles of stage (b)'s least confident held-out judgement p(y_label | x) over a class."""
+    if not len(a):
+        return {"n": 0}
+    q = np.quantile(a, [0.01, 0.5, 0.99])
+    return {"n": int(len(a)), "q01": float(q[0]), "median": float(q[1]), "q99": float(q[2]),
+            "max": float(a.max())}
+
+
+class FilterShortfall(UserError):
+    """Stage (b) kept too few images for --k; ``summary`` holds the counts and agreement so far."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 # ----- the three stages -------------------------------------------------------------------------
 
 def run_filter(labels, attribute: str, fcfg: FilterConfig, scfg: SelectConfig, fit: Fit,
@@ -227,19 +244,36 @@ def run_filter(labels, attribute: str, fcfg: FilterConfig, scfg: SelectConfig, f
                         "with both classes; lower --tau1 or train longer (--steps)")
 
     t = time.perf_counter()
-    keep = np.ones(len(labels), dtype=bool)          # by train row; only S is judged
+    # The least confident held-out judgement of each image in S: kept iff it exceeds tau2.
+    agree = np.ones(len(labels))
     for m, (own, judged) in enumerate(ensemble_folds(S, labels, fcfg.ensemble, fcfg.seed)):
         log(f"(b) ensemble member {m + 1}/{fcfg.ensemble} on {len(own)} images, judging the other "
             f"{len(judged)} ({fcfg.ensemble_steps} steps)")
         p = fit(own, fcfg.seed + 1 + m, fcfg.ensemble_steps)(judged)
-        keep[judged] &= p_label(p, labels[judged]) > fcfg.tau2
-    S2 = S[keep[S]]
+        agree[judged] = np.minimum(agree[judged], p_label(p, labels[judged]))
+    S2 = S[agree[S] > fcfg.tau2]
     stages["b_ensemble"], seconds["b"] = S2, time.perf_counter() - t
     counts.append(_counts("b_ensemble", S2, labels))
 
+    summary = {"attribute": attribute, "config": dataclasses.asdict(fcfg),
+               "select": dataclasses.asdict(scfg), "tau1": fcfg.tau1, "tau2": fcfg.tau2,
+               "held_out_judgements": fcfg.ensemble - 1, "counts": counts, "seconds": seconds,
+               "b_agreement": {f"class_{c}": agreement_stats(agree[S[labels[S] == c]]) for c in (0, 1)}}
+
+    def add_latents():
+        if latent is not None:
+            z = np.asarray(latent)
+            summary["true_latent"] = {s: {f"class_{c}": latent_stats(z[r[labels[r] == c]]) for c in (0, 1)}
+                                      for s, r in stages.items()}
+
     t = time.perf_counter()
-    # Before the evaluation classifier trains: a --k too large should fail in seconds.
-    check_k(counts[-1]["class_0"], counts[-1]["class_1"], scfg.k, scfg.k_per_class, attribute)
+    # Before the evaluation classifier trains: a --k too large should fail in seconds, leaving
+    # the counts so far (why it fell short) in the error.
+    try:
+        check_k(counts[-1]["class_0"], counts[-1]["class_1"], scfg.k, scfg.k_per_class, attribute)
+    except UserError as e:
+        add_latents()
+        raise FilterShortfall(str(e), {**summary, "error": str(e)}) from None
     log("(c) ranking by the calibrated evaluation classifier")
     p_eval, eval_info = eval_probs()
     lists = select(S2, labels, p_eval, scfg.k, scfg.k_per_class, attribute)
@@ -249,19 +283,12 @@ def run_filter(labels, attribute: str, fcfg: FilterConfig, scfg: SelectConfig, f
         stages[f"k{k}"] = np.concatenate([r0, r1])
         counts.append(_counts(f"k{k}", stages[f"k{k}"], labels))
 
-    summary = {"attribute": attribute, "config": dataclasses.asdict(fcfg),
-               "select": dataclasses.asdict(scfg), "tau1": fcfg.tau1, "tau2": fcfg.tau2,
-               "held_out_judgements": fcfg.ensemble - 1,
-               "counts": counts, "seconds": seconds, "eval_classifier": eval_info,
-               "lists": {str(k): {"file": f"index_k{k}.txt", "class_0": len(r0), "class_1": len(r1),
+    summary.update(eval_classifier=eval_info, lists={str(k): {"file": f"index_k{k}.txt", "class_0": len(r0), "class_1": len(r1),
                                   "lines": len(r0) * scfg.oversample[0] + len(r1) * scfg.oversample[1],
                                   "class_0_max_p": float(p_eval[r0].max()) if len(r0) else None,
                                   "class_1_min_p": float(p_eval[r1].min()) if len(r1) else None}
-                         for k, (r0, r1) in lists.items()}}
-    if latent is not None:
-        z = np.asarray(latent)
-        summary["true_latent"] = {s: {f"class_{c}": latent_stats(z[r[labels[r] == c]]) for c in (0, 1)}
-                                  for s, r in stages.items()}
+                         for k, (r0, r1) in lists.items()})
+    add_latents()
     return {"lists": lists, "p_eval": p_eval, "summary": summary}
 
 
@@ -401,8 +428,20 @@ def main(argv=None):
 
     print(f"filter {args.attribute}: {len(data)} train images at {fcfg.image_size} px, preset "
           f"{preset}, device {device.type}, tau1 {fcfg.tau1}, tau2 {fcfg.tau2}, k {scfg.k}")
-    result = run_filter(data.labels, args.attribute, fcfg, scfg, make_fit(data, fcfg, device, progress),
-                        eval_probs, true_latent(args.data_dir, args.attribute, data.files))
+    try:
+        result = run_filter(data.labels, args.attribute, fcfg, scfg, make_fit(data, fcfg, device, progress),
+                            eval_probs, true_latent(args.data_dir, args.attribute, data.files))
+    except FilterShortfall as e:
+        # No list is written, but the counts per stage say where the images went.
+        e.summary.update(data_dir=os.path.abspath(args.data_dir), preset=preset, device=device.type)
+        write_json(os.path.join(out, "filter_summary.json"), e.summary, indent=1)
+        for c in ("class_0", "class_1"):
+            a = e.summary["b_agreement"][c]
+            if a["n"]:
+                print(f"  stage (b), {c}: least confident held-out p(label) median {a['median']:.4f}, "
+                      f"99th percentile {a['q99']:.5f}, max {a['max']:.6f} (tau2 {fcfg.tau2})")
+        print(f"wrote {os.path.join(out, 'filter_summary.json')} (counts so far, no list)")
+        raise
     s = result["summary"]
     s.update(data_dir=os.path.abspath(args.data_dir), preset=preset, device=device.type)
     written = write_outputs(out, data.index, result, scfg.oversample)

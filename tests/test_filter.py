@@ -266,6 +266,16 @@ def test_k_too_large_fails_before_the_evaluation_classifier():
                                        fit, never, log=lambda s: None)
     one_line_error(lambda: run(600, fake_fit(z)), "--k 600 needs 300 images of class 0",
                    "the filter kept 199 and 233", "at most 398", "--tau2")
+    # The error carries the counts so far and how confident the held-out members were.
+    with pytest.raises(DF.FilterShortfall) as e:
+        DF.run_filter(y, "Smiling", DF.FilterConfig(), DF.SelectConfig(k=(600,)), fake_fit(z), never,
+                      latent=z, log=lambda s: None)
+    s = e.value.summary
+    assert [c["stage"] for c in s["counts"]] == ["train", "a_confident_agreeing", "b_ensemble"]
+    assert (s["counts"][-1]["class_0"], s["counts"][-1]["class_1"]) == (199, 233) and "--k 600" in s["error"]
+    a0 = s["b_agreement"]["class_0"]
+    assert a0["n"] == s["counts"][1]["class_0"] and a0["q01"] <= a0["median"] <= a0["q99"] <= a0["max"] <= 1
+    assert s["true_latent"]["b_ensemble"]["class_0"]["n"] == 199
     no_training = lambda rows, seed, steps: pytest.fail("no classifier may train")
     one_line_error(lambda: run(2000, no_training), "the train split has 471 and 529", "at most 942")
 
@@ -379,6 +389,15 @@ def test_filter_cli_errors(tmp_path):
     one_line_error(lambda: DF.main(["--data-dir", faces, "--attribute", "Smile"] + TINY),
                    "unknown CelebA attribute 'Smile'")
     one_line_error(lambda: DF.main(["--data-dir", faces, "--k", "1"] + TINY), "--k 1")
+    # Members of 20 steps are never 99.99 % sure: the filter stops, but says where the images went.
+    out = str(tmp_path / "short")
+    one_line_error(lambda: DF.main(["--data-dir", faces, "--out", out, "--k", "10"] + TINY + ["--tau2", "0.9999"]),
+                   "--k 10 needs 5 images of class 0", "but the filter kept 0 and 0")
+    with open(os.path.join(out, "filter_summary.json")) as f:
+        s = json.load(f)
+    assert s["counts"][-1] == {"stage": "b_ensemble", "class_0": 0, "class_1": 0, "total": 0}
+    assert s["b_agreement"]["class_1"]["max"] < 0.9999 and "error" in s and not os.path.exists(
+        os.path.join(out, "index.txt"))
 
 
 # ----- the ranking's direction on a folder with its own latent -----------------------------------
