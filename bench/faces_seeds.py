@@ -12,7 +12,8 @@ samples per method (cached in each run). Unknown flags go to those train.py call
 Per method (uncond, multi, and the filtered training set as reference), mean ± std over the seeds:
 the calibrated p(Smiling) histogram's MSE / KLD against uniform (App. B), the fractions with p and
 with the true-z proxy (eval_classifier.zregressor) in [0.3, 0.7], and the mouth readout's classes
-(mouth_readout.py): clean mild, clear, faded or absent, doubled, other.
+(mouth_readout.py): clean mild, clear, faded or absent, doubled, other; drawn in
+results/figures/faces_seeds.png.
 """
 import argparse
 import os
@@ -44,6 +45,33 @@ def ensure_trained(run, data, index, seed, flags) -> None:
     resume = ["--resume"] if os.path.exists(ckpt_path(run, "ddpm")) else []
     train.main(["--dataset", "celeba", "--data-dir", data, "--index-list", index, "--seed", str(seed),
                 "--out", run, "--no-grid"] + resume + list(flags))
+
+
+def plot_classes(summary: dict, path: str) -> None:
+    """One bar per method: the mouth readout's classes stacked (mean over seeds, std as a tick),
+    beside the fractions counted mild by calibrated p and by the true-z proxy."""
+    import numpy as np
+    from figures import pyplot, save
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(summary)
+    bottom = np.zeros(len(names))
+    for kk in PCT[2:]:
+        v = np.array([summary[m][kk] for m in names], dtype=float)
+        ax.bar(names, v.mean(1), bottom=bottom, yerr=v.std(1), capsize=3, label=kk.replace("mouth_", ""))
+        bottom += v.mean(1)
+    ax.set_ylabel("fraction of samples")
+    ax.set_title("mouth readout", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    x = np.arange(len(names))
+    for j, (kk, label) in enumerate((("frac_03_07", "p in [0.3, 0.7]"), ("z_frac_03_07", "true z in [0.3, 0.7]"),
+                                     ("mouth_mild", "mouth mild"))):
+        v = np.array([summary[m][kk] for m in names], dtype=float)
+        bx.bar(x + 0.27 * (j - 1), v.mean(1), 0.27, yerr=v.std(1), capsize=3, label=label)
+    bx.set_xticks(x, names)
+    bx.set_title("counted mild", fontsize=10)
+    bx.legend(fontsize=8)
+    save(fig, path, tight=True)
 
 
 def main(argv=None):
@@ -88,6 +116,7 @@ def main(argv=None):
     notes = [f"Multi-guided faces counted mild: {mean_std(multi['frac_03_07'], pct=True)} by calibrated p, "
              f"{mean_std(multi['z_frac_03_07'], pct=True)} by the true-z proxy, "
              f"{mean_std(multi['mouth_mild'], pct=True)} by the mouth readout (a good fit with z in [0.3, 0.7])."]
+    plot_classes(summary, rec.figure_path("faces_seeds.png"))
     path = rec.write({"per_seed": {str(s): v for s, v in per_seed.items()}, "summary": summary},
                      seeds={"ddpm": seeds, "sampling": [0]}, n=a.n, tables=tables, notes=notes,
                      compute_seconds=round(seconds, 1))  # cached runs count their first time

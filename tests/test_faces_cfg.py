@@ -129,3 +129,4 @@ def test_faces_seeds_bench_end_to_end(stand_in, tmp_path, recorded):
                  for i in range(2)]
         assert total == pytest.approx([1.0, 1.0])   # the mouth classes partition the samples
     assert " ± " in d["tables"][0]["rows"][1][3]     # two seeds: a spread is shown
+    assert d["figures"] == ["figures/faces_seeds.png"] and os.path.getsize(tmp_path / "figures" / "faces_seeds.png") > 1000
