@@ -51,11 +51,11 @@ import numpy as np
 import torch
 
 import config as C
-from checkpoint import UserError, ckpt_path, ensure_writable_dir, from_uint8, to_uint8
+from checkpoint import UserError, ckpt_path, from_uint8, to_uint8
 from detector import circle_stats, middle_comb
 from figures import plot_heatmaps, plot_histograms
 from histograms import hist_kld, hist_mse, histogram
-from rundir import load_npz, remove_stale_temps, save_npz, write_json
+from rundir import check_run_writable, load_npz, save_npz, select_methods, write_json
 from toy_circles import radius_for, render_disc, training_edges
 
 # ----------------------------------------------------------------------------------------------
@@ -202,37 +202,6 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def select_methods(run: str, methods=None, log=print, class_cond: bool = False, table=None,
-                   defaults=DEFAULT_METHODS) -> list:
-    """The methods to evaluate. Named ones must have their classifier (else a one-line error);
-    by default (None) every method of ``defaults`` whose checkpoints exist, with one line naming the
-    skipped ones. ``cfg`` needs a class-conditional DDPM (``class_cond``): by default it is left out
-    without one. ``table``: {method: (guidance, classifier)} (default: METHODS; evaluate_faces
-    passes its own)."""
-    table = METHODS if table is None else table
-    requested = methods is not None
-    methods = [m for m in defaults if m != "cfg" or class_cond] if methods is None else list(methods)
-    for m in methods:
-        if m not in table:
-            raise UserError(f"unknown method {m!r}; choose from {', '.join(table)}")
-    if "cfg" in methods:
-        from classifier_free import require_class_cond
-        require_class_cond(class_cond, run, "method cfg")
-    if not methods:
-        raise UserError(f"no method to evaluate; choose from {', '.join(table)}")
-    missing = [m for m in methods if table[m][1] and not os.path.exists(ckpt_path(run, table[m][1]))]
-    if not missing:
-        return methods
-    files = ", ".join(sorted({os.path.basename(ckpt_path(run, table[m][1])) for m in missing}))
-    fix = f"python train.py --out {run} --model classifier"
-    if requested:
-        many = len(missing) > 1
-        raise UserError(f"method{'s' if many else ''} {', '.join(missing)} need{'' if many else 's'} {files} "
-                        f"in {run}, which {'do' if many else 'does'} not exist; train with {fix}")
-    log(f"skipped {', '.join(missing)}: no {files} in {run}; train with {fix}")
-    return [m for m in methods if m not in missing]
-
-
 def run_dataset(run: str) -> str:
     """The dataset of a run, read from its DDPM checkpoint (one-line error if there is none)."""
     from checkpoint import load_checkpoint
@@ -265,7 +234,7 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
     cfg = models[1]
     if cfg["data"].dataset != "circles":
         raise UserError(f"evaluate.py measures circles runs; {run} holds {cfg['data'].dataset}")
-    methods = select_methods(run, methods, log, class_cond=cfg["unet"].class_cond)
+    methods = select_methods(run, methods, METHODS, DEFAULT_METHODS, log, class_cond=cfg["unet"].class_cond)
     delta = cfg["data"].delta
     stats, metrics = {}, {}
     for m in methods:
@@ -290,14 +259,6 @@ def evaluate_run(run, n=512, batch_size=C.SampleConfig.batch_size, seed=0, lambd
     if write_metrics:
         write_json(os.path.join(run, "metrics.json"), metrics)
     return metrics
-
-
-def check_run_writable(run: str) -> None:
-    """Before any sampling: the run takes the sample caches, metrics and figures (a read-only run
-    would lose the samples at the first write). Also removes an interrupted writer's temp files."""
-    ensure_writable_dir(run, "evaluation writes its samples, metrics.json and figures there: make it "
-                             "writable, or copy the run to a writable place")
-    remove_stale_temps(run)
 
 
 EVAL_FLAGS = ("run", "n", "batch_size", "seed", "steps", "device", "lambdas", "sampler", "eta", "guidance_at",

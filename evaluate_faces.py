@@ -59,7 +59,7 @@ from eval_judges import load_eval_classifiers, load_zregressors
 from histograms import hist_kld, hist_mse, histogram
 from figures import plot_heatmap_2d, plot_hist_p, plot_sweep
 from memorisation import memorisation_report
-from rundir import load_npz, save_npz, write_json
+from rundir import check_run_writable, load_npz, save_npz, select_methods, write_json
 import mouth_readout
 
 SAMPLE_BATCH = SampleConfig.batch_size
@@ -198,7 +198,6 @@ def measure(images, clfs, zregs) -> tuple[dict, dict]:
 
 def setup(run, device, eval_classifier=None, zreg_steps=ZREG_STEPS, log=print):
     """(models, cfg, evaluation classifiers, z-regressors or None) of a run, checked for evaluation."""
-    from evaluate import check_run_writable
     from sample import load_ddpm
     models = load_ddpm(run, device)
     check_run_writable(run)  # before any sampling or training of the z-regressor
@@ -215,11 +214,10 @@ def evaluate_run(run, n=512, batch_size=SAMPLE_BATCH, seed=0, lambdas=None, step
     """Sample every method, measure it and the training set; write metrics.json and the figures."""
     from checkpoint import pick_device
     from classifier_free import record
-    from evaluate import select_methods
     from sample import save_grid
     device = device or pick_device()
     models, cfg, clfs, zregs = setup(run, device, eval_classifier, zreg_steps, log)
-    methods = select_methods(run, methods, log, cfg["unet"].class_cond, METHODS, DEFAULT_METHODS)
+    methods = select_methods(run, methods, METHODS, DEFAULT_METHODS, log, cfg["unet"].class_cond)
     k = num_classes_of(cfg["data"])
     if any(METHODS[m][0] != "none" for m in methods):
         lambdas = lambdas or default_lambdas(k)

@@ -14,6 +14,8 @@ run, no debris from a killed one, files that a later command reads written whole
     the caller redraws, never a traceback on every later run.
   * ``read_jsonl``: a training log whose last line was cut off (a crash mid-append) reads as the
     complete lines before it.
+  * ``check_run_writable`` / ``select_methods``: what evaluation (evaluate.py, evaluate_faces.py)
+    asks of a run before it samples: a writable folder, and the classifiers each method needs.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 
 import numpy as np
 
-from checkpoint import UserError, atomic_path, write_bytes_atomic, write_failed
+from checkpoint import UserError, atomic_path, ckpt_path, ensure_writable_dir, write_bytes_atomic, write_failed
 
 LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"
@@ -163,3 +165,40 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
             except ValueError:
                 bad += 1
     return recs, bad
+
+
+def check_run_writable(run: str) -> None:
+    """Before any sampling: the run takes the sample caches, metrics and figures (a read-only run
+    would lose the samples at the first write). Also removes an interrupted writer's temp files."""
+    ensure_writable_dir(run, "evaluation writes its samples, metrics.json and figures there: make it "
+                             "writable, or copy the run to a writable place")
+    remove_stale_temps(run)
+
+
+def select_methods(run: str, methods, table: dict, defaults, log=print, class_cond: bool = False) -> list:
+    """The methods to evaluate. Named ones must have their classifier (else a one-line error);
+    by default (None) every method of ``defaults`` whose checkpoints exist, with one line naming the
+    skipped ones. ``cfg`` needs a class-conditional DDPM (``class_cond``): by default it is left out
+    without one. ``table``: {method: (guidance, classifier checkpoint name or None)}, the caller's
+    (evaluate.METHODS for the circles, evaluate_faces.METHODS for CelebA)."""
+    requested = methods is not None
+    methods = [m for m in defaults if m != "cfg" or class_cond] if methods is None else list(methods)
+    for m in methods:
+        if m not in table:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(table)}")
+    if "cfg" in methods:
+        from classifier_free import require_class_cond
+        require_class_cond(class_cond, run, "method cfg")
+    if not methods:
+        raise UserError(f"no method to evaluate; choose from {', '.join(table)}")
+    missing = [m for m in methods if table[m][1] and not os.path.exists(ckpt_path(run, table[m][1]))]
+    if not missing:
+        return methods
+    files = ", ".join(sorted({os.path.basename(ckpt_path(run, table[m][1])) for m in missing}))
+    fix = f"python train.py --out {run} --model classifier"
+    if requested:
+        many = len(missing) > 1
+        raise UserError(f"method{'s' if many else ''} {', '.join(missing)} need{'' if many else 's'} {files} "
+                        f"in {run}, which {'do' if many else 'does'} not exist; train with {fix}")
+    log(f"skipped {', '.join(missing)}: no {files} in {run}; train with {fix}")
+    return [m for m in methods if m not in missing]
